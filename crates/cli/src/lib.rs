@@ -1,0 +1,8 @@
+//! ipcompose: structure-guided Stable Diffusion with image prompts, from YAML recipes.
+//!
+//! The library crates, re-exported: `models` (UNet with injection points, CLIP, VAE, loading),
+//! `schedulers` (DDIM, Euler, Euler a, DPM++ 2M) and `pipeline` (recipes, plans, the loop).
+
+pub use ipcompose_models as models;
+pub use ipcompose_pipeline as pipeline;
+pub use ipcompose_schedulers as schedulers;

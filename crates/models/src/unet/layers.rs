@@ -1,0 +1,175 @@
+//! The convolutional pieces of the UNet: timestep embedding, resnet blocks, down/up samplers.
+
+use candle_core::{DType, Module, Result, Tensor, D};
+use candle_nn::{conv2d, group_norm, linear, Conv2d, Conv2dConfig, GroupNorm, Linear, VarBuilder};
+
+/// Sinusoidal timestep features as diffusers' `get_timestep_embedding` computes them (in f32).
+pub fn timestep_features(
+    timesteps: &Tensor,
+    dim: usize,
+    flip_sin_to_cos: bool,
+    freq_shift: f64,
+) -> Result<Tensor> {
+    let half = dim / 2;
+    let device = timesteps.device();
+    let exponent = (Tensor::arange(0u32, half as u32, device)?.to_dtype(DType::F32)?
+        * (-(10000f64.ln()) / (half as f64 - freq_shift)))?;
+    let freqs = exponent.exp()?;
+    let args = timesteps
+        .to_dtype(DType::F32)?
+        .unsqueeze(1)?
+        .broadcast_mul(&freqs.unsqueeze(0)?)?;
+    let (sin, cos) = (args.sin()?, args.cos()?);
+    if flip_sin_to_cos {
+        Tensor::cat(&[cos, sin], D::Minus1)
+    } else {
+        Tensor::cat(&[sin, cos], D::Minus1)
+    }
+}
+
+/// `TimestepEmbedding`: linear, SiLU, linear.
+#[derive(Debug, Clone)]
+pub struct TimestepEmbedding {
+    linear_1: Linear,
+    linear_2: Linear,
+}
+
+impl TimestepEmbedding {
+    pub fn new(vb: VarBuilder, in_dim: usize, out_dim: usize) -> Result<Self> {
+        Ok(Self {
+            linear_1: linear(in_dim, out_dim, vb.pp("linear_1"))?,
+            linear_2: linear(out_dim, out_dim, vb.pp("linear_2"))?,
+        })
+    }
+}
+
+impl Module for TimestepEmbedding {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        self.linear_2.forward(&self.linear_1.forward(xs)?.silu()?)
+    }
+}
+
+fn conv3x3(in_c: usize, out_c: usize, stride: usize, vb: VarBuilder) -> Result<Conv2d> {
+    let cfg = Conv2dConfig {
+        padding: 1,
+        stride,
+        ..Default::default()
+    };
+    conv2d(in_c, out_c, 3, cfg, vb)
+}
+
+pub fn conv_3x3(in_c: usize, out_c: usize, vb: VarBuilder) -> Result<Conv2d> {
+    conv3x3(in_c, out_c, 1, vb)
+}
+
+/// `ResnetBlock2D` with the default time-embedding handling (added after the first conv).
+#[derive(Debug, Clone)]
+pub struct ResnetBlock {
+    norm1: GroupNorm,
+    conv1: Conv2d,
+    time_emb_proj: Linear,
+    norm2: GroupNorm,
+    conv2: Conv2d,
+    conv_shortcut: Option<Conv2d>,
+}
+
+impl ResnetBlock {
+    pub fn new(
+        vb: VarBuilder,
+        in_c: usize,
+        out_c: usize,
+        temb_c: usize,
+        groups: usize,
+        eps: f64,
+    ) -> Result<Self> {
+        let conv_shortcut = if in_c != out_c {
+            Some(conv2d(in_c, out_c, 1, Default::default(), vb.pp("conv_shortcut"))?)
+        } else {
+            None
+        };
+        Ok(Self {
+            norm1: group_norm(groups, in_c, eps, vb.pp("norm1"))?,
+            conv1: conv_3x3(in_c, out_c, vb.pp("conv1"))?,
+            time_emb_proj: linear(temb_c, out_c, vb.pp("time_emb_proj"))?,
+            norm2: group_norm(groups, out_c, eps, vb.pp("norm2"))?,
+            conv2: conv_3x3(out_c, out_c, vb.pp("conv2"))?,
+            conv_shortcut,
+        })
+    }
+
+    pub fn forward(&self, xs: &Tensor, temb: &Tensor) -> Result<Tensor> {
+        let h = self.conv1.forward(&self.norm1.forward(xs)?.silu()?)?;
+        let t = self.time_emb_proj.forward(&temb.silu()?)?.unsqueeze(2)?.unsqueeze(3)?;
+        let h = h.broadcast_add(&t)?;
+        let h = self.conv2.forward(&self.norm2.forward(&h)?.silu()?)?;
+        let shortcut = match &self.conv_shortcut {
+            Some(conv) => conv.forward(xs)?,
+            None => xs.clone(),
+        };
+        shortcut + h
+    }
+}
+
+/// `Downsample2D` with a convolution (stride 2).
+#[derive(Debug, Clone)]
+pub struct Downsample {
+    conv: Conv2d,
+}
+
+impl Downsample {
+    pub fn new(vb: VarBuilder, channels: usize, padding: usize) -> Result<Self> {
+        let cfg = Conv2dConfig {
+            padding,
+            stride: 2,
+            ..Default::default()
+        };
+        Ok(Self {
+            conv: conv2d(channels, channels, 3, cfg, vb.pp("conv"))?,
+        })
+    }
+}
+
+impl Module for Downsample {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        self.conv.forward(xs)
+    }
+}
+
+/// `Upsample2D`: nearest-neighbour upsampling (to the skip tensor's size when given) and a conv.
+#[derive(Debug, Clone)]
+pub struct Upsample {
+    conv: Conv2d,
+}
+
+impl Upsample {
+    pub fn new(vb: VarBuilder, channels: usize) -> Result<Self> {
+        Ok(Self {
+            conv: conv_3x3(channels, channels, vb.pp("conv"))?,
+        })
+    }
+
+    pub fn forward(&self, xs: &Tensor, size: Option<(usize, usize)>) -> Result<Tensor> {
+        let (_, _, h, w) = xs.dims4()?;
+        let (th, tw) = size.unwrap_or((2 * h, 2 * w));
+        let up = nearest_resize(xs, th, tw)?;
+        self.conv.forward(&up)
+    }
+}
+
+/// torch's `F.interpolate(mode="nearest")`: source index = floor(dst * in / out).
+fn nearest_resize(xs: &Tensor, out_h: usize, out_w: usize) -> Result<Tensor> {
+    let (_, _, h, w) = xs.dims4()?;
+    if out_h == 2 * h && out_w == 2 * w {
+        return xs.upsample_nearest2d(out_h, out_w);
+    }
+    let device = xs.device();
+    let index = |out: usize, inp: usize| -> Result<Tensor> {
+        let scale = inp as f64 / out as f64;
+        let idx: Vec<u32> = (0..out)
+            .map(|i| ((i as f64 * scale).floor() as usize).min(inp - 1) as u32)
+            .collect();
+        Tensor::new(idx, device)
+    };
+    xs.index_select(&index(out_h, h)?, 2)?
+        .index_select(&index(out_w, w)?, 3)
+}

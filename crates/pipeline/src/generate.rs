@@ -1,0 +1,221 @@
+//! A loaded base model and the one denoising loop every composition goes through.
+
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+use ipcompose_models::clip_text::ClipTextModel;
+use ipcompose_models::folder::DiffusersFolder;
+use ipcompose_models::tokenizer::ClipTokenizer;
+use ipcompose_models::unet::{Injections, UNet2DConditionModel};
+use ipcompose_models::vae::Vae;
+use ipcompose_schedulers::{build_scheduler, NoiseSource, Scheduler};
+
+use crate::error::{PipelineError, Result};
+use crate::noise::SeededNoise;
+use crate::plan::{BaseModelPlan, GenerationPlan, InitialNoise};
+
+/// A frozen Stable Diffusion base model, loaded once and shared by every generation.
+pub struct BaseModel {
+    pub tokenizer: ClipTokenizer,
+    pub text_encoder: ClipTextModel,
+    pub unet: UNet2DConditionModel,
+    pub vae: Vae,
+    pub device: Device,
+    pub dtype: DType,
+}
+
+impl BaseModel {
+    pub fn load(plan: &BaseModelPlan, device: &Device, dtype: DType) -> Result<Self> {
+        let folder = &plan.folder;
+        Ok(Self {
+            tokenizer: folder.tokenizer()?,
+            text_encoder: folder.load_text_encoder(&plan.text_encoder, dtype, device)?,
+            unet: folder.load_unet(&plan.unet, dtype, device)?,
+            vae: folder.load_vae(&plan.vae, dtype, device)?,
+            device: device.clone(),
+            dtype,
+        })
+    }
+
+    /// Loads a diffusers folder directly (library use, without a recipe).
+    pub fn from_folder(root: &Path, device: &Device, dtype: DType) -> Result<Self> {
+        let folder = DiffusersFolder::open(root)?;
+        let unet = folder.unet_config()?;
+        let vae = folder.vae_config()?;
+        let text = folder.text_encoder_config()?;
+        Ok(Self {
+            tokenizer: folder.tokenizer()?,
+            text_encoder: folder.load_text_encoder(&text, dtype, device)?,
+            unet: folder.load_unet(&unet, dtype, device)?,
+            vae: folder.load_vae(&vae, dtype, device)?,
+            device: device.clone(),
+            dtype,
+        })
+    }
+
+    /// Token ids `[1, 77]` of `prompt`.
+    pub fn tokenize(&self, prompt: &str) -> Result<Tensor> {
+        let ids = self
+            .tokenizer
+            .encode(prompt)
+            .map_err(|e| PipelineError::Plan(format!("tokenizing {prompt:?}: {e}")))?;
+        Ok(Tensor::new(ids, &self.device)?.unsqueeze(0)?)
+    }
+
+    /// The text context `[1, 77, D]` as diffusers' `encode_prompt` makes it.
+    pub fn encode_prompt(&self, prompt: &str, clip_skip: usize) -> Result<Tensor> {
+        Ok(self.text_encoder.encode(&self.tokenize(prompt)?, clip_skip)?)
+    }
+
+    /// The UNet context for a generation: `[uncond, cond]` under guidance, `[cond]` without.
+    pub fn text_conditioning(&self, request: &GenerationPlan) -> Result<TextConditioning> {
+        let cond = self.encode_prompt(&request.prompt, request.clip_skip)?;
+        let guided = request.guidance > 1.0;
+        let context = if guided {
+            let negative = request.negative_prompt.as_deref().unwrap_or("");
+            let uncond = self.encode_prompt(negative, request.clip_skip)?;
+            Tensor::cat(&[uncond, cond], 0)?
+        } else {
+            cond
+        };
+        Ok(TextConditioning { context, guided })
+    }
+
+    /// Runs one generation; returns the final latents and the decoded image in [0, 1].
+    pub fn generate(&self, request: &GenerationPlan, progress: &mut dyn FnMut(Progress)) -> Result<Generated> {
+        let factor = self.vae.config().downscale_factor();
+        let shape = [
+            1,
+            self.unet.config().in_channels,
+            request.height / factor,
+            request.width / factor,
+        ];
+        let (init, mut noise): (Tensor, Box<dyn NoiseSource>) = match &request.init {
+            InitialNoise::Seed(seed) => {
+                let mut source = SeededNoise::new(*seed);
+                let init = source.sample(&shape, &self.device)?;
+                (init, Box::new(source))
+            }
+            InitialNoise::File(path) => (load_latents(path, &shape, &self.device)?, Box::new(SeededNoise::new(0))),
+        };
+        let conditioning = self.text_conditioning(request)?;
+        let mut scheduler = build_scheduler(request.scheduler_kind, &request.scheduler_config, request.steps)?;
+        let latents = denoise(
+            &self.unet,
+            scheduler.as_mut(),
+            &init.to_dtype(self.dtype)?,
+            &conditioning,
+            &Guidance {
+                scale: request.guidance,
+                rescale: request.guidance_rescale,
+            },
+            noise.as_mut(),
+            progress,
+        )?;
+        let image = self.vae.decode_to_unit(&latents)?;
+        Ok(Generated { latents, image })
+    }
+}
+
+pub struct TextConditioning {
+    /// `[2, tokens, D]` (`[uncond, cond]`) when guided, else `[1, tokens, D]`.
+    pub context: Tensor,
+    pub guided: bool,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Guidance {
+    pub scale: f64,
+    /// diffusers' `guidance_rescale` (φ); 0 disables it.
+    pub rescale: f64,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Progress {
+    pub step: usize,
+    pub total: usize,
+}
+
+pub struct Generated {
+    pub latents: Tensor,
+    /// `[1, 3, H, W]` in [0, 1].
+    pub image: Tensor,
+}
+
+/// Reads `latents` from a safetensors file and checks its shape.
+pub fn load_latents(path: &Path, shape: &[usize], device: &Device) -> Result<Tensor> {
+    let tensors = candle_core::safetensors::load(path, device).map_err(|e| PipelineError::Output {
+        path: path.to_path_buf(),
+        message: format!("cannot read latents: {e}"),
+    })?;
+    let latents = tensors.get("latents").ok_or_else(|| PipelineError::Output {
+        path: path.to_path_buf(),
+        message: "no tensor named `latents`".to_string(),
+    })?;
+    if latents.dims() != shape {
+        return Err(PipelineError::Output {
+            path: path.to_path_buf(),
+            message: format!("`latents` has shape {:?}, expected {shape:?}", latents.dims()),
+        });
+    }
+    Ok(latents.to_dtype(DType::F32)?)
+}
+
+/// The denoising loop. `init` is unit-variance noise; it is scaled by the scheduler's
+/// `init_noise_sigma` here, as diffusers does for user-supplied latents too.
+pub fn denoise(
+    unet: &UNet2DConditionModel,
+    scheduler: &mut dyn Scheduler,
+    init: &Tensor,
+    text: &TextConditioning,
+    guidance: &Guidance,
+    noise: &mut dyn NoiseSource,
+    progress: &mut dyn FnMut(Progress),
+) -> Result<Tensor> {
+    let mut latents = (init * scheduler.init_noise_sigma())?;
+    let timesteps = scheduler.timesteps().to_vec();
+    let total = timesteps.len();
+    for (step, &t) in timesteps.iter().enumerate() {
+        let model_input = if text.guided {
+            Tensor::cat(&[&latents, &latents], 0)?
+        } else {
+            latents.clone()
+        };
+        let model_input = scheduler.scale_model_input(&model_input, step)?;
+        let prediction = unet.forward(&model_input, t, &text.context, &Injections::default())?;
+        let prediction = if text.guided {
+            apply_guidance(&prediction, guidance)?
+        } else {
+            prediction
+        };
+        latents = scheduler.step(&prediction, step, &latents, noise)?;
+        progress(Progress { step: step + 1, total });
+    }
+    Ok(latents)
+}
+
+/// `ε = ε_u + g·(ε_c − ε_u)`, then diffusers' optional guidance rescale.
+fn apply_guidance(prediction: &Tensor, guidance: &Guidance) -> Result<Tensor> {
+    let uncond = prediction.narrow(0, 0, 1)?;
+    let cond = prediction.narrow(0, 1, 1)?;
+    let guided = (&uncond + ((&cond - &uncond)? * guidance.scale)?)?;
+    if guidance.rescale == 0.0 {
+        return Ok(guided);
+    }
+    let std_cond = unbiased_std(&cond)?;
+    let std_guided = unbiased_std(&guided)?;
+    let rescaled = guided.broadcast_mul(&(std_cond / std_guided)?)?;
+    Ok(((rescaled * guidance.rescale)? + (guided * (1.0 - guidance.rescale))?)?)
+}
+
+/// Standard deviation over all but the batch dimension (torch's default, unbiased), keepdim.
+fn unbiased_std(x: &Tensor) -> Result<Tensor> {
+    let b = x.dim(0)?;
+    let flat = x.reshape((b, ()))?;
+    let n = flat.dim(1)? as f64;
+    let mean = flat.mean_keepdim(1)?;
+    let var = (flat.broadcast_sub(&mean)?.sqr()?.sum_keepdim(1)? / (n - 1.0))?;
+    let mut shape = vec![b];
+    shape.extend(std::iter::repeat_n(1, x.rank() - 1));
+    Ok(var.sqrt()?.reshape(shape)?)
+}

@@ -1,0 +1,17 @@
+//! Recipes, plans and the denoising loop: parse, then plan, then run.
+
+pub mod error;
+pub mod generate;
+pub mod locate;
+pub mod noise;
+pub mod output;
+pub mod plan;
+pub mod recipe;
+pub mod run;
+pub mod source;
+
+pub use error::{PipelineError, Result};
+pub use generate::{BaseModel, Generated, Progress};
+pub use plan::Plan;
+pub use recipe::Recipe;
+pub use run::{run_plan, RunOptions};

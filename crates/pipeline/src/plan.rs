@@ -1,0 +1,376 @@
+//! Recipe → plan: every reference resolved, every file found and every size checked against
+//! the model configs, before a single weight is loaded.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+use ipcompose_models::clip_text::ClipTextConfig;
+use ipcompose_models::folder::DiffusersFolder;
+use ipcompose_models::unet::UNetConfig;
+use ipcompose_models::vae::VaeConfig;
+use ipcompose_schedulers::{SchedulerConfig, SchedulerKind};
+
+use crate::error::{PipelineError, Result};
+use crate::locate::line_of;
+use crate::recipe::{GenerateSpec, Node, Recipe};
+use crate::source::resolve_model_source;
+
+/// Which family of base model a folder holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BaseKind {
+    Sd15,
+    Sd2,
+}
+
+impl BaseKind {
+    fn parse(kind: &str) -> Option<Self> {
+        match kind.to_ascii_lowercase().as_str() {
+            "sd15" | "sd1.5" | "sd1" | "sd-1.5" => Some(Self::Sd15),
+            "sd2" | "sd21" | "sd2.1" | "sd20" | "sd2.0" => Some(Self::Sd2),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct BaseModelPlan {
+    pub name: String,
+    pub kind: BaseKind,
+    pub folder: DiffusersFolder,
+    pub unet: UNetConfig,
+    pub vae: VaeConfig,
+    pub text_encoder: ClipTextConfig,
+    pub scheduler_config: SchedulerConfig,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum InitialNoise {
+    /// Drawn from ipcompose's own generator (ChaCha20, see `noise.rs`).
+    Seed(u64),
+    /// Read from a safetensors file, key `latents`.
+    File(PathBuf),
+}
+
+#[derive(Debug, Clone)]
+pub struct GenerationPlan {
+    pub node: String,
+    pub base: String,
+    pub prompt: String,
+    pub negative_prompt: Option<String>,
+    pub width: usize,
+    pub height: usize,
+    pub steps: usize,
+    pub scheduler_kind: SchedulerKind,
+    pub scheduler_config: SchedulerConfig,
+    pub guidance: f64,
+    pub guidance_rescale: f64,
+    pub init: InitialNoise,
+    pub clip_skip: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutputKind {
+    Image,
+    Latents,
+}
+
+#[derive(Debug, Clone)]
+pub struct OutputPlan {
+    pub kind: OutputKind,
+    pub node: String,
+    pub path: PathBuf,
+}
+
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub models: BTreeMap<String, BaseModelPlan>,
+    /// Named input images, resolved to files that exist.
+    pub images: BTreeMap<String, PathBuf>,
+    pub generations: Vec<GenerationPlan>,
+    pub outputs: Vec<OutputPlan>,
+}
+
+/// Errors that point at a place in the recipe file.
+struct Context<'a> {
+    text: &'a str,
+    path: &'a Path,
+}
+
+impl Context<'_> {
+    fn error(&self, keys: &[&str], message: impl std::fmt::Display) -> PipelineError {
+        let place = match line_of(self.text, keys) {
+            Some(line) => format!("{}:{line}", self.path.display()),
+            None => self.path.display().to_string(),
+        };
+        PipelineError::Plan(format!("{place}: `{}`: {message}", keys.join(".")))
+    }
+}
+
+/// The closest name by edit distance, offered as "did you mean".
+pub fn did_you_mean<'a>(name: &str, candidates: impl IntoIterator<Item = &'a String>) -> String {
+    let best = candidates
+        .into_iter()
+        .map(|c| (edit_distance(name, c), c))
+        .min_by_key(|(d, _)| *d);
+    match best {
+        Some((d, c)) if d <= name.len().max(2) / 2 + 1 => format!(" (did you mean `{c}`?)"),
+        _ => String::new(),
+    }
+}
+
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut prev = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let cur = row[j + 1];
+            row[j + 1] = (prev + usize::from(ca != *cb)).min(row[j] + 1).min(cur + 1);
+            prev = cur;
+        }
+    }
+    row[b.len()]
+}
+
+impl Plan {
+    /// Builds the plan for `recipe` (whose text is `text`, read from `recipe_path`); relative
+    /// paths resolve against `base_dir`.
+    pub fn build(recipe: &Recipe, text: &str, recipe_path: &Path, base_dir: &Path) -> Result<Self> {
+        let cx = Context { text, path: recipe_path };
+        let mut models = BTreeMap::new();
+        for (name, spec) in &recipe.models {
+            let kind = BaseKind::parse(&spec.kind).ok_or_else(|| {
+                cx.error(
+                    &["models", name, "kind"],
+                    format!(
+                        "unknown model kind `{}` (supported here: sd15, sd2; ControlNet, T2I-Adapter and IP-Adapter models are not implemented yet)",
+                        spec.kind
+                    ),
+                )
+            })?;
+            let root = resolve_model_source(&spec.source, spec.revision.as_deref(), base_dir)
+                .map_err(|e| cx.error(&["models", name, "source"], e))?;
+            let mut folder = DiffusersFolder::open(&root).map_err(|e| cx.error(&["models", name, "source"], e))?;
+            folder.variant = spec.variant.clone();
+            let at = |e: ipcompose_models::ModelError| cx.error(&["models", name], e);
+            let unet = folder.unet_config().map_err(at)?;
+            let vae = folder.vae_config().map_err(at)?;
+            let text_encoder = folder.text_encoder_config().map_err(at)?;
+            let scheduler_config = SchedulerConfig::from_file(&folder.scheduler_config_path())
+                .map_err(|e| cx.error(&["models", name], e))?;
+            if text_encoder.hidden_size != unet.cross_attention_dim {
+                return Err(cx.error(
+                    &["models", name],
+                    format!(
+                        "text encoder width {} does not match the UNet's cross_attention_dim {}",
+                        text_encoder.hidden_size, unet.cross_attention_dim
+                    ),
+                ));
+            }
+            if vae.latent_channels != unet.in_channels {
+                return Err(cx.error(
+                    &["models", name],
+                    format!(
+                        "VAE latent channels {} do not match the UNet's in_channels {}",
+                        vae.latent_channels, unet.in_channels
+                    ),
+                ));
+            }
+            models.insert(
+                name.clone(),
+                BaseModelPlan {
+                    name: name.clone(),
+                    kind,
+                    folder,
+                    unet,
+                    vae,
+                    text_encoder,
+                    scheduler_config,
+                },
+            );
+        }
+
+        let mut images = BTreeMap::new();
+        for (name, file) in &recipe.images {
+            let path = base_dir.join(file);
+            if !path.is_file() {
+                return Err(cx.error(&["images", name], format!("image file `{}` not found", path.display())));
+            }
+            images.insert(name.clone(), path);
+        }
+
+        let mut generations = Vec::new();
+        for (name, node) in &recipe.nodes {
+            match node {
+                Node::Generate(spec) => {
+                    generations.push(plan_generate(&cx, name, spec, &models, base_dir)?);
+                }
+            }
+        }
+
+        let mut outputs = Vec::new();
+        let mut seen_paths = BTreeSet::new();
+        let node_names: Vec<String> = recipe.nodes.keys().cloned().collect();
+        for (i, out) in recipe.outputs.iter().enumerate() {
+            let index = i.to_string();
+            let keys = ["outputs", index.as_str()];
+            let (kind, node, field, ext) = match (&out.image, &out.latents) {
+                (Some(n), None) => (OutputKind::Image, n, "image", "png"),
+                (None, Some(n)) => (OutputKind::Latents, n, "latents", "safetensors"),
+                _ => {
+                    return Err(cx.error(
+                        &["outputs"],
+                        format!("output {i} needs exactly one of `image: NODE` or `latents: NODE`"),
+                    ))
+                }
+            };
+            if !recipe.nodes.contains_key(node) {
+                return Err(cx.error(
+                    &[keys[0], field],
+                    format!("output {i} refers to unknown node `{node}`{}", did_you_mean(node, &node_names)),
+                ));
+            }
+            let path = base_dir.join(&out.path);
+            let actual_ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
+            if !actual_ext.eq_ignore_ascii_case(ext) {
+                return Err(cx.error(
+                    &[keys[0], "path"],
+                    format!("output {i} ({field}) must be a .{ext} file, got `{}`", out.path),
+                ));
+            }
+            if !seen_paths.insert(path.clone()) {
+                return Err(cx.error(&[keys[0], "path"], format!("two outputs write `{}`", out.path)));
+            }
+            outputs.push(OutputPlan {
+                kind,
+                node: node.clone(),
+                path,
+            });
+        }
+        Ok(Self {
+            models,
+            images,
+            generations,
+            outputs,
+        })
+    }
+
+    pub fn generation(&self, node: &str) -> Option<&GenerationPlan> {
+        self.generations.iter().find(|g| g.node == node)
+    }
+}
+
+fn plan_generate(
+    cx: &Context,
+    name: &str,
+    spec: &GenerateSpec,
+    models: &BTreeMap<String, BaseModelPlan>,
+    base_dir: &Path,
+) -> Result<GenerationPlan> {
+    let key = |k: &'static str| ["nodes", name, "generate", k];
+    let model_names: Vec<String> = models.keys().cloned().collect();
+    let base = models.get(&spec.base).ok_or_else(|| {
+        cx.error(
+            &key("base"),
+            format!("unknown model `{}`{}", spec.base, did_you_mean(&spec.base, &model_names)),
+        )
+    })?;
+    let factor = base.vae.downscale_factor();
+    let (width, height) = match spec.size {
+        Some([w, h]) => (w, h),
+        None => {
+            let side = base.unet.sample_size.unwrap_or(64) * factor;
+            (side, side)
+        }
+    };
+    if width == 0 || height == 0 || width % factor != 0 || height % factor != 0 {
+        return Err(cx.error(
+            &key("size"),
+            format!("size [{width}, {height}] must be positive multiples of {factor} (the VAE's downscale factor)"),
+        ));
+    }
+    if spec.steps == 0 {
+        return Err(cx.error(&key("steps"), "steps must be at least 1"));
+    }
+    if !spec.guidance.is_finite() || spec.guidance < 0.0 {
+        return Err(cx.error(&key("guidance"), format!("guidance {} must be a number ≥ 0", spec.guidance)));
+    }
+    let (scheduler_kind, scheduler_config) = match &spec.scheduler {
+        None => (SchedulerKind::Ddim, base.scheduler_config.clone()),
+        Some(s) => {
+            let kind: SchedulerKind = s
+                .kind
+                .parse()
+                .map_err(|e| cx.error(&["nodes", name, "generate", "scheduler", "kind"], e))?;
+            let mut config = base.scheduler_config.clone();
+            for (k, v) in &s.overrides {
+                config = config
+                    .with_override(k, v.clone())
+                    .map_err(|e| cx.error(&["nodes", name, "generate", "scheduler", k.as_str()], e))?;
+            }
+            (kind, config)
+        }
+    };
+    // Build once so that a bad override combination fails now, not after loading weights.
+    ipcompose_schedulers::build_scheduler(scheduler_kind, &scheduler_config, spec.steps)
+        .map_err(|e| cx.error(&key("scheduler"), e))?;
+    let init = match (&spec.seed, &spec.latents) {
+        (Some(_), Some(_)) => {
+            return Err(cx.error(&key("latents"), "give either `seed` or `latents`, not both"));
+        }
+        (Some(seed), None) => InitialNoise::Seed(*seed),
+        (None, None) => InitialNoise::Seed(0),
+        (None, Some(file)) => {
+            let path = base_dir.join(file);
+            let expected = [1, base.unet.in_channels, height / factor, width / factor];
+            check_latents_file(&path, &expected).map_err(|e| cx.error(&key("latents"), e))?;
+            InitialNoise::File(path)
+        }
+    };
+    if spec.clip_skip >= base.text_encoder.num_hidden_layers {
+        return Err(cx.error(
+            &key("clip_skip"),
+            format!(
+                "clip_skip {} must be smaller than the text encoder's {} layers",
+                spec.clip_skip, base.text_encoder.num_hidden_layers
+            ),
+        ));
+    }
+    Ok(GenerationPlan {
+        node: name.to_string(),
+        base: spec.base.clone(),
+        prompt: spec.prompt.clone(),
+        negative_prompt: spec.negative_prompt.clone(),
+        width,
+        height,
+        steps: spec.steps,
+        scheduler_kind,
+        scheduler_config,
+        guidance: spec.guidance,
+        guidance_rescale: spec.guidance_rescale,
+        init,
+        clip_skip: spec.clip_skip,
+    })
+}
+
+/// Reads only the safetensors header: the file must hold `latents` of the expected shape.
+pub fn check_latents_file(path: &Path, expected: &[usize]) -> std::result::Result<(), String> {
+    let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)
+        .map_err(|e| format!("{}: not a safetensors file: {e}", path.display()))?;
+    let info = meta
+        .tensors()
+        .get("latents")
+        .cloned()
+        .ok_or_else(|| format!("{}: no tensor named `latents`", path.display()))?;
+    if info.shape != expected {
+        return Err(format!(
+            "{}: `latents` has shape {:?}, expected {:?} for this size",
+            path.display(),
+            info.shape,
+            expected
+        ));
+    }
+    Ok(())
+}

@@ -1,0 +1,124 @@
+//! The recipe file, version 1: a YAML graph of named models, images, nodes and outputs.
+//!
+//! Parsing is strict: unknown keys are rejected (serde reports the valid ones and the YAML
+//! line and column).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::error::{PipelineError, Result};
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Recipe {
+    pub version: u32,
+    #[serde(default)]
+    pub models: BTreeMap<String, ModelSpec>,
+    #[serde(default)]
+    pub images: BTreeMap<String, String>,
+    #[serde(default)]
+    pub nodes: BTreeMap<String, Node>,
+    #[serde(default)]
+    pub outputs: Vec<OutputSpec>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSpec {
+    pub kind: String,
+    pub source: String,
+    /// Hub revision (branch, tag or commit) when `source` is a hub id.
+    #[serde(default)]
+    pub revision: Option<String>,
+    /// Weight file variant, e.g. `fp16` for `*.fp16.safetensors`.
+    #[serde(default)]
+    pub variant: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+pub enum Node {
+    Generate(GenerateSpec),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GenerateSpec {
+    pub base: String,
+    pub prompt: String,
+    #[serde(default)]
+    pub negative_prompt: Option<String>,
+    /// `[width, height]` in pixels.
+    #[serde(default)]
+    pub size: Option<[usize; 2]>,
+    #[serde(default = "default_steps")]
+    pub steps: usize,
+    #[serde(default)]
+    pub scheduler: Option<SchedulerSpec>,
+    #[serde(default = "default_guidance", alias = "cfg")]
+    pub guidance: f64,
+    #[serde(default)]
+    pub guidance_rescale: f64,
+    #[serde(default)]
+    pub seed: Option<u64>,
+    /// A safetensors file with key `latents`: the initial noise, before `init_noise_sigma`.
+    #[serde(default)]
+    pub latents: Option<String>,
+    #[serde(default)]
+    pub clip_skip: usize,
+}
+
+fn default_steps() -> usize {
+    25
+}
+fn default_guidance() -> f64 {
+    7.5
+}
+
+/// `{kind: ddim, ...overrides of scheduler_config.json}`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct SchedulerSpec {
+    pub kind: String,
+    #[serde(flatten)]
+    pub overrides: BTreeMap<String, serde_json::Value>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutputSpec {
+    /// Writes the decoded image of this node as PNG.
+    #[serde(default)]
+    pub image: Option<String>,
+    /// Writes this node's final latents (before the VAE) as safetensors, key `latents`.
+    #[serde(default)]
+    pub latents: Option<String>,
+    pub path: String,
+}
+
+impl Recipe {
+    pub fn parse(text: &str, origin: &Path) -> Result<Self> {
+        let recipe: Recipe = serde_yaml::from_str(text).map_err(|e| PipelineError::Recipe {
+            path: origin.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        if recipe.version != 1 {
+            return Err(PipelineError::Recipe {
+                path: origin.to_path_buf(),
+                message: format!("unsupported recipe version {} (this ipcompose reads version 1)", recipe.version),
+            });
+        }
+        Ok(recipe)
+    }
+
+    pub fn from_file(path: &Path) -> Result<(Self, PathBuf)> {
+        let text = std::fs::read_to_string(path).map_err(|source| PipelineError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let recipe = Self::parse(&text, path)?;
+        let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        Ok((recipe, dir))
+    }
+}

@@ -1,0 +1,155 @@
+//! End-to-end through the `ipcompose` binary: the example recipe on the tiny models, and bad
+//! input that must fail early, name what is wrong, exit non-zero and write nothing.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::{copy_dir, fixtures, scratch};
+
+fn ipcompose(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_ipcompose"))
+        .args(args)
+        .output()
+        .expect("run ipcompose");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A copy of the tiny model and the example recipe in a scratch dir, so tests can break them.
+fn workspace(name: &str) -> (PathBuf, PathBuf) {
+    let dir = scratch(name);
+    copy_dir(&fixtures().join("tiny-sd15"), &dir.join("tiny-sd15"));
+    copy_dir(&fixtures().join("recipes/inputs"), &dir.join("recipes/inputs"));
+    let recipe = dir.join("recipes/house.yaml");
+    std::fs::copy(fixtures().join("recipes/house.yaml"), &recipe).unwrap();
+    (dir, recipe)
+}
+
+fn edit(path: &Path, from: &str, to: &str) {
+    let text = std::fs::read_to_string(path).unwrap();
+    assert!(text.contains(from), "{} does not contain {from:?}", path.display());
+    std::fs::write(path, text.replacen(from, to, 1)).unwrap();
+}
+
+fn outputs(dir: &Path) -> Vec<PathBuf> {
+    let out = dir.join("recipes/out");
+    match std::fs::read_dir(&out) {
+        Ok(entries) => entries.map(|e| e.unwrap().path()).collect(),
+        Err(_) => Vec::new(),
+    }
+}
+
+#[test]
+fn example_recipe_writes_png_and_latents() {
+    let (dir, recipe) = workspace("cli-example");
+    let (ok, stdout, stderr) = ipcompose(&["run", recipe.to_str().unwrap(), "--quiet"]);
+    assert!(ok, "run failed: {stderr}");
+    assert!(stdout.is_empty(), "--quiet printed {stdout}");
+    let png = dir.join("recipes/out/house.png");
+    let img = image::open(&png).expect("PNG written").to_rgb8();
+    assert_eq!(img.dimensions(), (128, 128));
+    let latents = candle_core::safetensors::load(dir.join("recipes/out/house-latents.safetensors"), &candle_core::Device::Cpu)
+        .unwrap();
+    assert_eq!(latents["latents"].dims(), &[1, 4, 16, 16]);
+    assert_eq!(outputs(&dir).len(), 2, "only the two outputs, no temporary files");
+
+    // Same seed, same result; an existing output is not replaced without --overwrite.
+    let (ok, _, stderr) = ipcompose(&["run", recipe.to_str().unwrap(), "--quiet"]);
+    assert!(!ok && stderr.contains("already exists"), "{stderr}");
+    let before = std::fs::read(&png).unwrap();
+    let (ok, _, stderr) = ipcompose(&["run", recipe.to_str().unwrap(), "--quiet", "--overwrite"]);
+    assert!(ok, "{stderr}");
+    assert_eq!(before, std::fs::read(&png).unwrap(), "same seed must give the same image");
+}
+
+#[test]
+fn latents_file_as_initial_noise_is_reproducible() {
+    let (dir, recipe) = workspace("cli-latents");
+    let init = fixtures().join("reference/pipe_ddim_cfg.safetensors");
+    let tensors = candle_core::safetensors::load(&init, &candle_core::Device::Cpu).unwrap();
+    candle_core::safetensors::save(
+        &std::collections::HashMap::from([("latents", tensors["init_latents"].clone())]),
+        dir.join("recipes/init.safetensors"),
+    )
+    .unwrap();
+    edit(&recipe, "seed: 42 ", "latents: init.safetensors ");
+    let (ok, _, stderr) = ipcompose(&["run", recipe.to_str().unwrap(), "--quiet"]);
+    assert!(ok, "{stderr}");
+    assert_eq!(outputs(&dir).len(), 2);
+}
+
+fn assert_fails(recipe: &Path, dir: &Path, needles: &[&str]) {
+    let (ok, _, stderr) = ipcompose(&["run", recipe.to_str().unwrap(), "--quiet"]);
+    assert!(!ok, "expected failure");
+    for needle in needles {
+        assert!(stderr.contains(needle), "error should mention {needle:?}: {stderr}");
+    }
+    assert!(outputs(dir).is_empty(), "no output may be written: {:?}", outputs(dir));
+}
+
+#[test]
+fn missing_model_folder_is_named() {
+    let (dir, recipe) = workspace("cli-missing-folder");
+    edit(&recipe, "source: ../tiny-sd15", "source: ../no-such-model");
+    assert_fails(&recipe, &dir, &["no-such-model", "house.yaml:4", "does not exist"]);
+}
+
+#[test]
+fn unknown_block_type_names_config_file_and_value() {
+    let (dir, recipe) = workspace("cli-block-type");
+    let config = dir.join("tiny-sd15/unet/config.json");
+    edit(&config, "\"DownBlock2D\"", "\"FancyDownBlock\"");
+    assert_fails(&recipe, &dir, &["unet/config.json", "FancyDownBlock", "down_block_types"]);
+}
+
+#[test]
+fn weights_disagreeing_with_config_name_tensor_and_shapes() {
+    let (dir, recipe) = workspace("cli-shape");
+    let config = dir.join("tiny-sd15/unet/config.json");
+    let text = std::fs::read_to_string(&config).unwrap();
+    let mut json: serde_json::Value = serde_json::from_str(&text).unwrap();
+    json["block_out_channels"] = serde_json::json!([16, 32, 32, 48]);
+    std::fs::write(&config, serde_json::to_string_pretty(&json).unwrap()).unwrap();
+    assert_fails(
+        &recipe,
+        &dir,
+        &["diffusion_pytorch_model.safetensors", "tensor `", "has shape", "expects"],
+    );
+}
+
+#[test]
+fn size_not_multiple_of_8_points_at_the_line() {
+    let (dir, recipe) = workspace("cli-size");
+    edit(&recipe, "size: [128, 128]", "size: [130, 128]");
+    assert_fails(&recipe, &dir, &["house.yaml:13", "size", "multiple of 8"]);
+}
+
+#[test]
+fn unknown_key_is_rejected_with_valid_keys() {
+    let (dir, recipe) = workspace("cli-unknown-key");
+    edit(&recipe, "steps: 4", "stepz: 4");
+    assert_fails(&recipe, &dir, &["stepz", "steps", "line"]);
+}
+
+#[test]
+fn unknown_model_reference_suggests_a_name() {
+    let (dir, recipe) = workspace("cli-unknown-ref");
+    edit(&recipe, "base: base\n", "base: bsae\n");
+    assert_fails(&recipe, &dir, &["bsae", "did you mean `base`"]);
+}
+
+#[test]
+fn validate_prints_the_plan_without_loading_weights() {
+    let (dir, recipe) = workspace("cli-validate");
+    // Weights are not read by validate: remove them and it still succeeds.
+    std::fs::remove_file(dir.join("tiny-sd15/unet/diffusion_pytorch_model.safetensors")).unwrap();
+    let (ok, stdout, stderr) = ipcompose(&["validate", recipe.to_str().unwrap()]);
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("16 cross-attention layers"), "{stdout}");
+    assert!(stdout.contains("128x128"), "{stdout}");
+}

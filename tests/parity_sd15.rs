@@ -1,0 +1,278 @@
+//! Parity with diffusers on tiny random-weight models saved in the real folder layouts.
+//! Fixtures: tests/fixtures/make_fixtures.py (diffusers, fp32, CPU).
+//!
+//! Tolerances (fp32 on CPU): text embeddings and single UNet/VAE forwards 1e-4 max abs diff,
+//! final latents 1e-4; the figures measured when these tests were written are in each assert
+//! message's neighbourhood and in the README.
+
+mod common;
+
+use candle_core::{DType, Device, Tensor};
+use common::{fixtures, get, max_abs, max_abs_diff, reference};
+use ipcompose::models::unet::Injections;
+use ipcompose::pipeline::generate::{denoise, Guidance, TextConditioning};
+use ipcompose::pipeline::noise::RecordedNoise;
+use ipcompose::pipeline::plan::{GenerationPlan, InitialNoise};
+use ipcompose::pipeline::BaseModel;
+use ipcompose::schedulers::{build_scheduler, SchedulerConfig, SchedulerKind};
+
+fn tiny(folder: &str) -> BaseModel {
+    BaseModel::from_folder(&fixtures().join(folder), &Device::Cpu, DType::F32)
+        .unwrap_or_else(|e| panic!("loading {folder}: {e}"))
+}
+
+const LATENT_TOLERANCE: f32 = 1e-4;
+
+#[test]
+fn token_ids_and_text_embeddings_match_diffusers() {
+    let model = tiny("tiny-sd15");
+    let r = reference("text_embeddings.safetensors");
+    let ids = model.tokenize("a cozy house at dusk").unwrap();
+    let expected = get(&r, "ids_cond").to_dtype(DType::U32).unwrap();
+    assert_eq!(ids.to_vec2::<u32>().unwrap(), expected.to_vec2::<u32>().unwrap());
+    let ids_neg = model.tokenize("lowres, blurry").unwrap();
+    let expected = get(&r, "ids_uncond").to_dtype(DType::U32).unwrap();
+    assert_eq!(ids_neg.to_vec2::<u32>().unwrap(), expected.to_vec2::<u32>().unwrap());
+
+    let cond = model.encode_prompt("a cozy house at dusk", 0).unwrap();
+    let uncond = model.encode_prompt("lowres, blurry", 0).unwrap();
+    let d_cond = max_abs_diff(&cond, get(&r, "cond"));
+    let d_uncond = max_abs_diff(&uncond, get(&r, "uncond"));
+    assert!(d_cond < 1e-4 && d_uncond < 1e-4, "text embeddings differ: {d_cond} / {d_uncond}");
+}
+
+#[test]
+fn one_unet_forward_matches_diffusers() {
+    let model = tiny("tiny-sd15");
+    let r = reference("unet_step.safetensors");
+    let sample = get(&r, "sample");
+    let context = get(&r, "context");
+    for (t_key, out_key) in [("timestep", "out"), ("timestep_frac", "out_frac")] {
+        let t = get(&r, t_key).to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap();
+        let out = model
+            .unet
+            .forward(sample, t, context, &Injections::default())
+            .unwrap();
+        let expected = get(&r, out_key);
+        let diff = max_abs_diff(&out, expected);
+        assert!(diff < 1e-4, "UNet output at t={t} differs by {diff} (scale {})", max_abs(expected));
+    }
+}
+
+#[test]
+fn vae_decode_matches_diffusers() {
+    let model = tiny("tiny-sd15");
+    let r = reference("vae_decode.safetensors");
+    let decoded = model.vae.decode_raw(get(&r, "latents")).unwrap();
+    let diff = max_abs_diff(&decoded, get(&r, "decoded"));
+    assert!(diff < 1e-4, "VAE decode differs by {diff}");
+}
+
+#[test]
+fn pytorch_bin_folder_equals_safetensors_folder() {
+    let st = tiny("tiny-sd15");
+    let bin = tiny("tiny-sd15-bin");
+    let r = reference("unet_step.safetensors");
+    let (sample, context) = (get(&r, "sample"), get(&r, "context"));
+    let a = st.unet.forward(sample, 981.0, context, &Injections::default()).unwrap();
+    let b = bin.unet.forward(sample, 981.0, context, &Injections::default()).unwrap();
+    assert_eq!(max_abs_diff(&a, &b), 0.0);
+    let ids = st.tokenize("a cozy house at dusk").unwrap();
+    let ea = st.text_encoder.encode(&ids, 0).unwrap();
+    let eb = bin.text_encoder.encode(&ids, 0).unwrap();
+    assert_eq!(max_abs_diff(&ea, &eb), 0.0);
+}
+
+#[test]
+fn fp16_variant_weights_load_and_stay_close() {
+    use ipcompose::models::folder::DiffusersFolder;
+    let folder = DiffusersFolder {
+        variant: Some("fp16".to_string()),
+        ..DiffusersFolder::open(&fixtures().join("tiny-sd15")).unwrap()
+    };
+    let config = folder.unet_config().unwrap();
+    // The fp16 folder holds only the UNet; read it through the same loader.
+    let fp16_folder_unet = fixtures().join("tiny-sd15-fp16/unet");
+    let files = ipcompose::models::weights::find_component_weights(
+        &fp16_folder_unet,
+        "diffusion_pytorch_model",
+        Some("fp16"),
+    )
+    .unwrap();
+    assert!(files[0].to_string_lossy().ends_with(".fp16.safetensors"), "{files:?}");
+    let vb = ipcompose::models::weights::WeightStore::open(&files)
+        .unwrap()
+        .var_builder(DType::F32, &Device::Cpu);
+    let unet16 = ipcompose::models::unet::UNet2DConditionModel::new(vb, &config).unwrap();
+    let unet32 = folder.load_unet(&config, DType::F32, &Device::Cpu).unwrap();
+    let r = reference("unet_step.safetensors");
+    let (sample, context) = (get(&r, "sample"), get(&r, "context"));
+    let a = unet32.forward(sample, 981.0, context, &Injections::default()).unwrap();
+    let b = unet16.forward(sample, 981.0, context, &Injections::default()).unwrap();
+    let diff = max_abs_diff(&a, &b);
+    // fp16 rounding of the weights only (activations stay f32): about 1e-3 relative.
+    assert!(diff < 2e-2 * max_abs(&a).max(1.0), "fp16 weights drift by {diff}");
+}
+
+/// One pipeline case from `reference/cases.json`.
+#[derive(serde::Deserialize)]
+struct Case {
+    name: String,
+    folder: String,
+    prompt: String,
+    negative_prompt: Option<String>,
+    width: usize,
+    height: usize,
+    steps: usize,
+    guidance: f64,
+    scheduler: CaseScheduler,
+}
+
+#[derive(serde::Deserialize)]
+struct CaseScheduler {
+    kind: String,
+    #[serde(default)]
+    overrides: serde_json::Map<String, serde_json::Value>,
+}
+
+fn run_case(case: &Case) -> (f32, f32) {
+    let model = tiny(&case.folder);
+    let r = reference(&format!("pipe_{}.safetensors", case.name));
+    let mut config =
+        SchedulerConfig::from_file(&fixtures().join(&case.folder).join("scheduler/scheduler_config.json"))
+            .unwrap();
+    for (k, v) in &case.scheduler.overrides {
+        config = config.with_override(k, v.clone()).unwrap();
+    }
+    let kind: SchedulerKind = case.scheduler.kind.parse().unwrap();
+    let request = GenerationPlan {
+        node: case.name.clone(),
+        base: case.folder.clone(),
+        prompt: case.prompt.clone(),
+        negative_prompt: case.negative_prompt.clone(),
+        width: case.width,
+        height: case.height,
+        steps: case.steps,
+        scheduler_kind: kind,
+        scheduler_config: config.clone(),
+        guidance: case.guidance,
+        guidance_rescale: 0.0,
+        init: InitialNoise::Seed(0),
+        clip_skip: 0,
+    };
+    let text: TextConditioning = model.text_conditioning(&request).unwrap();
+    let mut scheduler = build_scheduler(kind, &config, case.steps).unwrap();
+    let noise: Vec<Tensor> = (0..case.steps)
+        .map_while(|k| r.get(&format!("noise.{k}")).cloned())
+        .collect();
+    let latents = denoise(
+        &model.unet,
+        scheduler.as_mut(),
+        get(&r, "init_latents"),
+        &text,
+        &Guidance {
+            scale: case.guidance,
+            rescale: 0.0,
+        },
+        &mut RecordedNoise::new(noise),
+        &mut |_| {},
+    )
+    .unwrap();
+    let latent_diff = max_abs_diff(&latents, get(&r, "final_latents"));
+    let image = model.vae.decode_to_unit(&latents).unwrap().permute((0, 2, 3, 1)).unwrap();
+    let image_diff = max_abs_diff(&image, get(&r, "image"));
+    (latent_diff, image_diff)
+}
+
+fn cases() -> Vec<Case> {
+    let path = fixtures().join("reference/cases.json");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap()
+}
+
+fn check_case(name: &str) {
+    let cases = cases();
+    let case = cases
+        .iter()
+        .find(|c| c.name == name)
+        .unwrap_or_else(|| panic!("no case {name} in cases.json"));
+    let (latent_diff, image_diff) = run_case(case);
+    eprintln!("{name}: final latents max abs diff {latent_diff:.2e}, image {image_diff:.2e}");
+    assert!(latent_diff < LATENT_TOLERANCE, "{name}: final latents differ by {latent_diff}");
+    assert!(image_diff < 1e-3, "{name}: decoded image differs by {image_diff}");
+}
+
+#[test]
+fn ddim_with_guidance() {
+    check_case("ddim_cfg");
+}
+
+#[test]
+fn ddim_trailing_spacing() {
+    check_case("ddim_trailing");
+}
+
+#[test]
+fn ddim_without_guidance() {
+    check_case("ddim_g1");
+}
+
+#[test]
+fn ddim_non_square() {
+    check_case("ddim_96x64");
+}
+
+#[test]
+fn euler_with_guidance() {
+    check_case("euler_cfg");
+}
+
+#[test]
+fn euler_karras() {
+    check_case("euler_karras_cfg");
+}
+
+#[test]
+fn euler_ancestral_with_recorded_noise() {
+    check_case("euler_a_cfg");
+}
+
+#[test]
+fn dpmpp_2m() {
+    check_case("dpmpp2m_cfg");
+}
+
+#[test]
+fn dpmpp_2m_karras() {
+    check_case("dpmpp2m_karras_cfg");
+}
+
+#[test]
+fn sd2_v_prediction_ddim() {
+    check_case("sd2_ddim_v");
+}
+
+#[test]
+fn sd2_v_prediction_euler() {
+    check_case("sd2_euler_v");
+}
+
+#[test]
+fn every_fixture_case_has_a_test() {
+    let tested = [
+        "ddim_cfg",
+        "ddim_trailing",
+        "ddim_g1",
+        "ddim_96x64",
+        "euler_cfg",
+        "euler_karras_cfg",
+        "euler_a_cfg",
+        "dpmpp2m_cfg",
+        "dpmpp2m_karras_cfg",
+        "sd2_ddim_v",
+        "sd2_euler_v",
+    ];
+    for case in cases() {
+        assert!(tested.contains(&case.name.as_str()), "case {} has no test", case.name);
+    }
+}
