@@ -13,12 +13,20 @@ use ipcompose::schedulers::{SchedulerConfig, SchedulerKind};
 
 fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
-    let folder = PathBuf::from(args.next().context("usage: text_to_image MODEL_FOLDER OUT_DIR")?);
+    let folder = PathBuf::from(
+        args.next()
+            .context("usage: text_to_image MODEL_FOLDER OUT_DIR")?,
+    );
     let out_dir = PathBuf::from(args.next().unwrap_or_else(|| "out".to_string()));
     let model = BaseModel::from_folder(&folder, &Device::Cpu, DType::F32)?;
-    let scheduler_config = SchedulerConfig::from_file(&folder.join("scheduler/scheduler_config.json"))?;
-    let side = model.unet.config().sample_size.unwrap_or(64) * model.vae.config().downscale_factor();
-    for (i, prompt) in ["a cozy house at dusk", "a lighthouse in a storm"].iter().enumerate() {
+    let scheduler_config =
+        SchedulerConfig::from_file(&folder.join("scheduler/scheduler_config.json"))?;
+    let side =
+        model.unet.config().sample_size.unwrap_or(64) * model.vae.config().downscale_factor();
+    for (i, prompt) in ["a cozy house at dusk", "a lighthouse in a storm"]
+        .iter()
+        .enumerate()
+    {
         let request = GenerationPlan {
             node: format!("gen{i}"),
             base: "base".to_string(),
@@ -28,13 +36,17 @@ fn main() -> anyhow::Result<()> {
             height: side,
             steps: 20,
             scheduler_kind: SchedulerKind::DpmPp2m,
-            scheduler_config: scheduler_config.clone().with_override("use_karras_sigmas", true.into())?,
+            scheduler_config: scheduler_config
+                .clone()
+                .with_override("use_karras_sigmas", true.into())?,
             guidance: 7.5,
             guidance_rescale: 0.0,
             init: InitialNoise::Seed(i as u64),
             clip_skip: 0,
         };
-        let generated = model.generate(&request, &mut |p| eprint!("\r{prompt}: {}/{}", p.step, p.total))?;
+        let generated = model.generate(&request, &mut |p| {
+            eprint!("\r{prompt}: {}/{}", p.step, p.total)
+        })?;
         eprintln!();
         let path = out_dir.join(format!("image-{i}.png"));
         save_png(&generated.image, &path)?;

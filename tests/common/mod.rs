@@ -35,7 +35,12 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
 }
 
 pub fn max_abs(a: &Tensor) -> f32 {
-    a.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
+    a.abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
 }
 
 /// A scratch directory unique to one test, removed first if it exists.

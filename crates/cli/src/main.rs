@@ -9,7 +9,11 @@ use clap::{Parser, Subcommand};
 use ipcompose::pipeline::{plan::Plan, run_plan, Recipe, RunOptions};
 
 #[derive(Parser)]
-#[command(name = "ipcompose", version, about = "Stable Diffusion with image prompts and structural controls, from YAML recipes")]
+#[command(
+    name = "ipcompose",
+    version,
+    about = "Stable Diffusion with image prompts and structural controls, from YAML recipes"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -36,7 +40,8 @@ enum Command {
 }
 
 fn load_plan(path: &Path) -> anyhow::Result<Plan> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading recipe {}", path.display()))?;
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading recipe {}", path.display()))?;
     let recipe = Recipe::parse(&text, path)?;
     let base_dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
     Ok(Plan::build(&recipe, &text, path, &base_dir)?)

@@ -56,7 +56,7 @@ fn default_eps() -> f64 {
 impl ClipTextConfig {
     pub fn from_file(path: &Path) -> crate::error::Result<Self> {
         let config: Self = read_json(path, "a CLIPTextModel config")?;
-        if config.hidden_size % config.num_attention_heads != 0 {
+        if !config.hidden_size.is_multiple_of(config.num_attention_heads) {
             return Err(ModelError::Config {
                 path: path.to_path_buf(),
                 message: format!(
@@ -106,7 +106,9 @@ impl EncoderLayer {
         let head_dim = c / self.heads;
         let normed = self.layer_norm1.forward(xs)?;
         let split = |t: Tensor| -> Result<Tensor> {
-            t.reshape((b, n, self.heads, head_dim))?.transpose(1, 2)?.contiguous()
+            t.reshape((b, n, self.heads, head_dim))?
+                .transpose(1, 2)?
+                .contiguous()
         };
         let q = split((self.q_proj.forward(&normed)? * (head_dim as f64).powf(-0.5))?)?;
         let k = split(self.k_proj.forward(&normed)?)?;
@@ -116,7 +118,9 @@ impl EncoderLayer {
         let attn = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, n, c))?;
         let xs = (xs + self.out_proj.forward(&attn)?)?;
         let normed = self.layer_norm2.forward(&xs)?;
-        let mlp = self.fc2.forward(&self.activation.apply(&self.fc1.forward(&normed)?)?)?;
+        let mlp = self
+            .fc2
+            .forward(&self.activation.apply(&self.fc1.forward(&normed)?)?)?;
         xs + mlp
     }
 }
@@ -150,7 +154,11 @@ impl ClipTextModel {
                 emb.pp("position_embedding"),
             )?,
             layers,
-            final_layer_norm: layer_norm(cfg.hidden_size, cfg.layer_norm_eps, vb.pp("final_layer_norm"))?,
+            final_layer_norm: layer_norm(
+                cfg.hidden_size,
+                cfg.layer_norm_eps,
+                vb.pp("final_layer_norm"),
+            )?,
             config: cfg.clone(),
         })
     }

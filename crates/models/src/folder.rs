@@ -84,17 +84,27 @@ impl DiffusersFolder {
     }
 
     fn weights(&self, component: &str, stem: &str) -> Result<WeightStore> {
-        let files = find_component_weights(&self.component(component), stem, self.variant.as_deref())?;
+        let files =
+            find_component_weights(&self.component(component), stem, self.variant.as_deref())?;
         WeightStore::open(&files)
     }
 
-    pub fn load_unet(&self, config: &UNetConfig, dtype: DType, device: &Device) -> Result<UNet2DConditionModel> {
-        let vb = self.weights("unet", "diffusion_pytorch_model")?.var_builder(dtype, device);
+    pub fn load_unet(
+        &self,
+        config: &UNetConfig,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<UNet2DConditionModel> {
+        let vb = self
+            .weights("unet", "diffusion_pytorch_model")?
+            .var_builder(dtype, device);
         Ok(UNet2DConditionModel::new(vb, config)?)
     }
 
     pub fn load_vae(&self, config: &VaeConfig, dtype: DType, device: &Device) -> Result<Vae> {
-        let vb = self.weights("vae", "diffusion_pytorch_model")?.var_builder(dtype, device);
+        let vb = self
+            .weights("vae", "diffusion_pytorch_model")?
+            .var_builder(dtype, device);
         Ok(Vae::new(vb, config)?)
     }
 
@@ -107,8 +117,15 @@ impl DiffusersFolder {
         let dir = self.component("text_encoder");
         let store = match find_component_weights(&dir, "model", self.variant.as_deref()) {
             Ok(files) => WeightStore::open(&files)?,
-            Err(_) => WeightStore::open(&find_component_weights(&dir, "pytorch_model", self.variant.as_deref())?)?,
+            Err(_) => WeightStore::open(&find_component_weights(
+                &dir,
+                "pytorch_model",
+                self.variant.as_deref(),
+            )?)?,
         };
-        Ok(ClipTextModel::new(store.var_builder(dtype, device), config)?)
+        Ok(ClipTextModel::new(
+            store.var_builder(dtype, device),
+            config,
+        )?)
     }
 }

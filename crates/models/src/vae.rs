@@ -79,7 +79,7 @@ impl VaeConfig {
         if let Some(c) = config
             .block_out_channels
             .iter()
-            .find(|&&c| c % config.norm_num_groups != 0)
+            .find(|&&c| !c.is_multiple_of(config.norm_num_groups))
         {
             return Err(err(format!(
                 "`block_out_channels` entry {c} is not divisible by `norm_num_groups` {}",

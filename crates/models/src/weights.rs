@@ -49,13 +49,21 @@ impl WeightStore {
                 )));
             }
             let pth = candle_core::pickle::PthTensors::new(first, None).map_err(|e| {
-                ModelError::Weights(format!("{}: not a readable PyTorch file: {e}", first.display()))
+                ModelError::Weights(format!(
+                    "{}: not a readable PyTorch file: {e}",
+                    first.display()
+                ))
             })?;
             Container::Pickle(pth)
         } else {
             // SAFETY: the files are opened read-only and not modified while mapped.
             let st = unsafe { candle_core::safetensors::MmapedSafetensors::multi(files) }.map_err(
-                |e| ModelError::Weights(format!("{}: not a readable safetensors file: {e}", first.display())),
+                |e| {
+                    ModelError::Weights(format!(
+                        "{}: not a readable safetensors file: {e}",
+                        first.display()
+                    ))
+                },
             )?;
             Container::Safetensors(st)
         };
@@ -147,7 +155,11 @@ impl SimpleBackend for WeightStore {
 
 /// Finds the weight file(s) of a diffusers component folder: safetensors first (optionally the
 /// `variant` files such as `*.fp16.safetensors`, sharded with an index), then PyTorch `.bin`.
-pub fn find_component_weights(dir: &Path, stem: &str, variant: Option<&str>) -> Result<Vec<PathBuf>> {
+pub fn find_component_weights(
+    dir: &Path,
+    stem: &str,
+    variant: Option<&str>,
+) -> Result<Vec<PathBuf>> {
     let mut candidates: Vec<String> = Vec::new();
     let variants: Vec<Option<&str>> = match variant {
         Some(v) => vec![Some(v), None],

@@ -64,7 +64,9 @@ impl BaseModel {
 
     /// The text context `[1, 77, D]` as diffusers' `encode_prompt` makes it.
     pub fn encode_prompt(&self, prompt: &str, clip_skip: usize) -> Result<Tensor> {
-        Ok(self.text_encoder.encode(&self.tokenize(prompt)?, clip_skip)?)
+        Ok(self
+            .text_encoder
+            .encode(&self.tokenize(prompt)?, clip_skip)?)
     }
 
     /// The UNet context for a generation: `[uncond, cond]` under guidance, `[cond]` without.
@@ -82,7 +84,11 @@ impl BaseModel {
     }
 
     /// Runs one generation; returns the final latents and the decoded image in [0, 1].
-    pub fn generate(&self, request: &GenerationPlan, progress: &mut dyn FnMut(Progress)) -> Result<Generated> {
+    pub fn generate(
+        &self,
+        request: &GenerationPlan,
+        progress: &mut dyn FnMut(Progress),
+    ) -> Result<Generated> {
         let factor = self.vae.config().downscale_factor();
         let shape = [
             1,
@@ -96,10 +102,17 @@ impl BaseModel {
                 let init = source.sample(&shape, &self.device)?;
                 (init, Box::new(source))
             }
-            InitialNoise::File(path) => (load_latents(path, &shape, &self.device)?, Box::new(SeededNoise::new(0))),
+            InitialNoise::File(path) => (
+                load_latents(path, &shape, &self.device)?,
+                Box::new(SeededNoise::new(0)),
+            ),
         };
         let conditioning = self.text_conditioning(request)?;
-        let mut scheduler = build_scheduler(request.scheduler_kind, &request.scheduler_config, request.steps)?;
+        let mut scheduler = build_scheduler(
+            request.scheduler_kind,
+            &request.scheduler_config,
+            request.steps,
+        )?;
         let latents = denoise(
             &self.unet,
             scheduler.as_mut(),
@@ -144,18 +157,24 @@ pub struct Generated {
 
 /// Reads `latents` from a safetensors file and checks its shape.
 pub fn load_latents(path: &Path, shape: &[usize], device: &Device) -> Result<Tensor> {
-    let tensors = candle_core::safetensors::load(path, device).map_err(|e| PipelineError::Output {
-        path: path.to_path_buf(),
-        message: format!("cannot read latents: {e}"),
-    })?;
-    let latents = tensors.get("latents").ok_or_else(|| PipelineError::Output {
-        path: path.to_path_buf(),
-        message: "no tensor named `latents`".to_string(),
-    })?;
+    let tensors =
+        candle_core::safetensors::load(path, device).map_err(|e| PipelineError::Output {
+            path: path.to_path_buf(),
+            message: format!("cannot read latents: {e}"),
+        })?;
+    let latents = tensors
+        .get("latents")
+        .ok_or_else(|| PipelineError::Output {
+            path: path.to_path_buf(),
+            message: "no tensor named `latents`".to_string(),
+        })?;
     if latents.dims() != shape {
         return Err(PipelineError::Output {
             path: path.to_path_buf(),
-            message: format!("`latents` has shape {:?}, expected {shape:?}", latents.dims()),
+            message: format!(
+                "`latents` has shape {:?}, expected {shape:?}",
+                latents.dims()
+            ),
         });
     }
     Ok(latents.to_dtype(DType::F32)?)
@@ -189,7 +208,10 @@ pub fn denoise(
             prediction
         };
         latents = scheduler.step(&prediction, step, &latents, noise)?;
-        progress(Progress { step: step + 1, total });
+        progress(Progress {
+            step: step + 1,
+            total,
+        });
     }
     Ok(latents)
 }

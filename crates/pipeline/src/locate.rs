@@ -42,7 +42,10 @@ mod tests {
     #[test]
     fn finds_nested_keys_in_block_and_flow_style() {
         let text = "version: 1\nmodels:\n  base: {kind: sd15, source: x}\nnodes:\n  gen:\n    generate:\n      size: [500, 512]\n      steps: 4\n";
-        assert_eq!(line_of(text, &["nodes", "gen", "generate", "size"]), Some(7));
+        assert_eq!(
+            line_of(text, &["nodes", "gen", "generate", "size"]),
+            Some(7)
+        );
         assert_eq!(line_of(text, &["models", "base", "source"]), Some(3));
         assert_eq!(line_of(text, &["nodes", "gen", "generate", "seed"]), None);
     }

@@ -26,34 +26,10 @@ impl SeededNoise {
 impl NoiseSource for SeededNoise {
     fn sample(&mut self, shape: &[usize], device: &Device) -> candle_core::Result<Tensor> {
         let count: usize = shape.iter().product();
-        let values: Vec<f32> = (0..count).map(|_| StandardNormal.sample(&mut self.rng)).collect();
+        let values: Vec<f32> = (0..count)
+            .map(|_| StandardNormal.sample(&mut self.rng))
+            .collect();
         Tensor::from_vec(values, shape, device)
-    }
-}
-
-/// Plays back recorded noise tensors in order (for parity with a reference run).
-pub struct RecordedNoise {
-    tensors: std::collections::VecDeque<Tensor>,
-}
-
-impl RecordedNoise {
-    pub fn new(tensors: Vec<Tensor>) -> Self {
-        Self {
-            tensors: tensors.into(),
-        }
-    }
-}
-
-impl NoiseSource for RecordedNoise {
-    fn sample(&mut self, shape: &[usize], device: &Device) -> candle_core::Result<Tensor> {
-        let t = self
-            .tensors
-            .pop_front()
-            .ok_or_else(|| candle_core::Error::Msg("recorded noise exhausted".into()))?;
-        if t.dims() != shape {
-            candle_core::bail!("recorded noise has shape {:?}, expected {shape:?}", t.dims());
-        }
-        t.to_device(device)
     }
 }
 
@@ -68,7 +44,14 @@ mod tests {
         let b = SeededNoise::new(7).sample(&[1, 4, 32, 32], &dev).unwrap();
         let c = SeededNoise::new(8).sample(&[1, 4, 32, 32], &dev).unwrap();
         let diff = |x: &Tensor, y: &Tensor| -> f32 {
-            (x - y).unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap()
+            (x - y)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar()
+                .unwrap()
         };
         assert_eq!(diff(&a, &b), 0.0);
         assert!(diff(&a, &c) > 0.1);

@@ -11,7 +11,9 @@ use crate::error::{PipelineError, Result};
 pub fn to_rgb8(image: &Tensor) -> Result<image::RgbImage> {
     let (_, c, h, w) = image.dims4()?;
     if c != 3 {
-        return Err(PipelineError::Plan(format!("expected a 3-channel image, got {c} channels")));
+        return Err(PipelineError::Plan(format!(
+            "expected a 3-channel image, got {c} channels"
+        )));
     }
     let pixels: Vec<u8> = (image.get(0)?.permute((1, 2, 0))?.to_dtype(DType::F32)? * 255.0)?
         .round()?
@@ -69,7 +71,10 @@ pub fn save_png(image: &Tensor, path: &Path) -> Result<()> {
 pub fn save_latents(latents: &Tensor, path: &Path) -> Result<()> {
     let latents = latents.to_dtype(DType::F32)?;
     write_atomically(path, |tmp| {
-        candle_core::safetensors::save(&std::collections::HashMap::from([("latents", latents)]), tmp)
-            .map_err(|e| io_error(path, e))
+        candle_core::safetensors::save(
+            &std::collections::HashMap::from([("latents", latents)]),
+            tmp,
+        )
+        .map_err(|e| io_error(path, e))
     })
 }

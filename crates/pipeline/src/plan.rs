@@ -137,7 +137,10 @@ impl Plan {
     /// Builds the plan for `recipe` (whose text is `text`, read from `recipe_path`); relative
     /// paths resolve against `base_dir`.
     pub fn build(recipe: &Recipe, text: &str, recipe_path: &Path, base_dir: &Path) -> Result<Self> {
-        let cx = Context { text, path: recipe_path };
+        let cx = Context {
+            text,
+            path: recipe_path,
+        };
         let mut models = BTreeMap::new();
         for (name, spec) in &recipe.models {
             let kind = BaseKind::parse(&spec.kind).ok_or_else(|| {
@@ -151,7 +154,8 @@ impl Plan {
             })?;
             let root = resolve_model_source(&spec.source, spec.revision.as_deref(), base_dir)
                 .map_err(|e| cx.error(&["models", name, "source"], e))?;
-            let mut folder = DiffusersFolder::open(&root).map_err(|e| cx.error(&["models", name, "source"], e))?;
+            let mut folder = DiffusersFolder::open(&root)
+                .map_err(|e| cx.error(&["models", name, "source"], e))?;
             folder.variant = spec.variant.clone();
             let at = |e: ipcompose_models::ModelError| cx.error(&["models", name], e);
             let unet = folder.unet_config().map_err(at)?;
@@ -195,16 +199,25 @@ impl Plan {
         for (name, file) in &recipe.images {
             let path = base_dir.join(file);
             if !path.is_file() {
-                return Err(cx.error(&["images", name], format!("image file `{}` not found", path.display())));
+                return Err(cx.error(
+                    &["images", name],
+                    format!("image file `{}` not found", path.display()),
+                ));
             }
             images.insert(name.clone(), path);
         }
 
         let mut generations = Vec::new();
         for (name, node) in &recipe.nodes {
-            match node {
-                Node::Generate(spec) => {
+            match node.operation() {
+                Some(Node::Generate(spec)) => {
                     generations.push(plan_generate(&cx, name, spec, &models, base_dir)?);
+                }
+                None => {
+                    return Err(cx.error(
+                        &["nodes", name],
+                        "a node needs one operation key (valid: generate)",
+                    ))
                 }
             }
         }
@@ -228,7 +241,10 @@ impl Plan {
             if !recipe.nodes.contains_key(node) {
                 return Err(cx.error(
                     &[keys[0], field],
-                    format!("output {i} refers to unknown node `{node}`{}", did_you_mean(node, &node_names)),
+                    format!(
+                        "output {i} refers to unknown node `{node}`{}",
+                        did_you_mean(node, &node_names)
+                    ),
                 ));
             }
             let path = base_dir.join(&out.path);
@@ -236,11 +252,17 @@ impl Plan {
             if !actual_ext.eq_ignore_ascii_case(ext) {
                 return Err(cx.error(
                     &[keys[0], "path"],
-                    format!("output {i} ({field}) must be a .{ext} file, got `{}`", out.path),
+                    format!(
+                        "output {i} ({field}) must be a .{ext} file, got `{}`",
+                        out.path
+                    ),
                 ));
             }
             if !seen_paths.insert(path.clone()) {
-                return Err(cx.error(&[keys[0], "path"], format!("two outputs write `{}`", out.path)));
+                return Err(cx.error(
+                    &[keys[0], "path"],
+                    format!("two outputs write `{}`", out.path),
+                ));
             }
             outputs.push(OutputPlan {
                 kind,
@@ -273,7 +295,11 @@ fn plan_generate(
     let base = models.get(&spec.base).ok_or_else(|| {
         cx.error(
             &key("base"),
-            format!("unknown model `{}`{}", spec.base, did_you_mean(&spec.base, &model_names)),
+            format!(
+                "unknown model `{}`{}",
+                spec.base,
+                did_you_mean(&spec.base, &model_names)
+            ),
         )
     })?;
     let factor = base.vae.downscale_factor();
@@ -284,7 +310,7 @@ fn plan_generate(
             (side, side)
         }
     };
-    if width == 0 || height == 0 || width % factor != 0 || height % factor != 0 {
+    if width == 0 || height == 0 || !width.is_multiple_of(factor) || !height.is_multiple_of(factor) {
         return Err(cx.error(
             &key("size"),
             format!("size [{width}, {height}] must be positive multiples of {factor} (the VAE's downscale factor)"),
@@ -294,7 +320,10 @@ fn plan_generate(
         return Err(cx.error(&key("steps"), "steps must be at least 1"));
     }
     if !spec.guidance.is_finite() || spec.guidance < 0.0 {
-        return Err(cx.error(&key("guidance"), format!("guidance {} must be a number ≥ 0", spec.guidance)));
+        return Err(cx.error(
+            &key("guidance"),
+            format!("guidance {} must be a number ≥ 0", spec.guidance),
+        ));
     }
     let (scheduler_kind, scheduler_config) = match &spec.scheduler {
         None => (SchedulerKind::Ddim, base.scheduler_config.clone()),
@@ -305,9 +334,9 @@ fn plan_generate(
                 .map_err(|e| cx.error(&["nodes", name, "generate", "scheduler", "kind"], e))?;
             let mut config = base.scheduler_config.clone();
             for (k, v) in &s.overrides {
-                config = config
-                    .with_override(k, v.clone())
-                    .map_err(|e| cx.error(&["nodes", name, "generate", "scheduler", k.as_str()], e))?;
+                config = config.with_override(k, v.clone()).map_err(|e| {
+                    cx.error(&["nodes", name, "generate", "scheduler", k.as_str()], e)
+                })?;
             }
             (kind, config)
         }

@@ -19,7 +19,7 @@ pub struct Recipe {
     #[serde(default)]
     pub images: BTreeMap<String, String>,
     #[serde(default)]
-    pub nodes: BTreeMap<String, Node>,
+    pub nodes: BTreeMap<String, NodeSpec>,
     #[serde(default)]
     pub outputs: Vec<OutputSpec>,
 }
@@ -37,10 +37,24 @@ pub struct ModelSpec {
     pub variant: Option<String>,
 }
 
+/// A node is a map with exactly one key naming what it does (`generate: {...}`).
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "snake_case")]
-pub enum Node {
-    Generate(GenerateSpec),
+#[serde(deny_unknown_fields)]
+pub struct NodeSpec {
+    #[serde(default)]
+    pub generate: Option<GenerateSpec>,
+}
+
+#[derive(Debug, Clone)]
+pub enum Node<'a> {
+    Generate(&'a GenerateSpec),
+}
+
+impl NodeSpec {
+    /// What this node does; `None` when it names no operation (or, later, several).
+    pub fn operation(&self) -> Option<Node<'_>> {
+        self.generate.as_ref().map(Node::Generate)
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -106,7 +120,10 @@ impl Recipe {
         if recipe.version != 1 {
             return Err(PipelineError::Recipe {
                 path: origin.to_path_buf(),
-                message: format!("unsupported recipe version {} (this ipcompose reads version 1)", recipe.version),
+                message: format!(
+                    "unsupported recipe version {} (this ipcompose reads version 1)",
+                    recipe.version
+                ),
             });
         }
         Ok(recipe)

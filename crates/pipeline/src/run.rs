@@ -48,10 +48,9 @@ pub fn run_plan(
             continue;
         }
         if !loaded.contains_key(generation.base.as_str()) {
-            let base_plan = plan
-                .models
-                .get(&generation.base)
-                .ok_or_else(|| PipelineError::Plan(format!("unknown model `{}`", generation.base)))?;
+            let base_plan = plan.models.get(&generation.base).ok_or_else(|| {
+                PipelineError::Plan(format!("unknown model `{}`", generation.base))
+            })?;
             loaded.insert(
                 generation.base.as_str(),
                 BaseModel::load(base_plan, &options.device, options.dtype)?,
@@ -64,7 +63,10 @@ pub fn run_plan(
     let mut written = Vec::new();
     for output in &plan.outputs {
         let generated = results.get(output.node.as_str()).ok_or_else(|| {
-            PipelineError::Plan(format!("output refers to `{}`, which produced nothing", output.node))
+            PipelineError::Plan(format!(
+                "output refers to `{}`, which produced nothing",
+                output.node
+            ))
         })?;
         match output.kind {
             OutputKind::Image => save_png(&generated.image, &output.path)?,

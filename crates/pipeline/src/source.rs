@@ -24,13 +24,18 @@ fn looks_like_hub_id(source: &str) -> bool {
     let valid = |s: &str| {
         !s.is_empty()
             && !s.starts_with('.')
-            && s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
     };
     valid(owner) && valid(name)
 }
 
 /// Resolves `source` (relative paths against `base_dir`) to a folder on disk.
-pub fn resolve_model_source(source: &str, revision: Option<&str>, base_dir: &Path) -> Result<PathBuf> {
+pub fn resolve_model_source(
+    source: &str,
+    revision: Option<&str>,
+    base_dir: &Path,
+) -> Result<PathBuf> {
     let local = base_dir.join(source);
     if local.exists() {
         return Ok(local);
@@ -42,7 +47,9 @@ pub fn resolve_model_source(source: &str, revision: Option<&str>, base_dir: &Pat
         )));
     }
     let cache = hub_cache_dir().ok_or_else(|| {
-        PipelineError::Plan(format!("`{source}` is not a local folder and no hub cache directory is known"))
+        PipelineError::Plan(format!(
+            "`{source}` is not a local folder and no hub cache directory is known"
+        ))
     })?;
     resolve_in_cache(&cache, source, revision.unwrap_or("main"))
 }
@@ -79,7 +86,9 @@ mod tests {
 
     #[test]
     fn hub_ids_are_owner_slash_name() {
-        assert!(looks_like_hub_id("stable-diffusion-v1-5/stable-diffusion-v1-5"));
+        assert!(looks_like_hub_id(
+            "stable-diffusion-v1-5/stable-diffusion-v1-5"
+        ));
         assert!(!looks_like_hub_id("../models/sd15"));
         assert!(!looks_like_hub_id("a/b/c"));
         assert!(!looks_like_hub_id("plainname"));
@@ -100,8 +109,13 @@ mod tests {
             resolve_in_cache(&tmp, "org/model", "abc123").unwrap(),
             repo.join("snapshots/abc123")
         );
-        let err = resolve_in_cache(&tmp, "org/other", "main").unwrap_err().to_string();
-        assert!(err.contains("org/other") && err.contains("models--org--other"), "{err}");
+        let err = resolve_in_cache(&tmp, "org/other", "main")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("org/other") && err.contains("models--org--other"),
+            "{err}"
+        );
         std::fs::remove_dir_all(&tmp).unwrap();
     }
 }

@@ -28,16 +28,15 @@ pub fn multi_head_attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) ->
     let m = k.dim(1)?;
     let head_dim = c / heads;
     let split = |t: &Tensor, len: usize| -> Result<Tensor> {
-        t.reshape((b, len, heads, head_dim))?.transpose(1, 2)?.contiguous()
+        t.reshape((b, len, heads, head_dim))?
+            .transpose(1, 2)?
+            .contiguous()
     };
     let (q, k, v) = (split(q, n)?, split(k, m)?, split(v, m)?);
     let scale = 1.0 / (head_dim as f64).sqrt();
     let scores = (q.matmul(&k.t()?)? * scale)?;
     let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-    probs
-        .matmul(&v)?
-        .transpose(1, 2)?
-        .reshape((b, n, c))
+    probs.matmul(&v)?.transpose(1, 2)?.reshape((b, n, c))
 }
 
 /// diffusers' `Attention` as used by the UNet: bias-free q/k/v, biased output projection.
@@ -63,7 +62,12 @@ impl Attention {
 
     /// Self-attention when `context` is `None`; decoupled cross-attention adds every
     /// IP-Adapter's attention output, times its scale (and mask), before `to_out`.
-    pub fn forward(&self, xs: &Tensor, context: Option<&Tensor>, ip: &[IpKeyValue]) -> Result<Tensor> {
+    pub fn forward(
+        &self,
+        xs: &Tensor,
+        context: Option<&Tensor>,
+        ip: &[IpKeyValue],
+    ) -> Result<Tensor> {
         let context = context.unwrap_or(xs);
         let q = self.to_q.forward(xs)?;
         let k = self.to_k.forward(context)?;
@@ -135,7 +139,10 @@ impl TransformerBlock {
 
     fn forward(&self, xs: &Tensor, context: &Tensor, ip: &[IpKeyValue]) -> Result<Tensor> {
         let xs = (self.attn1.forward(&self.norm1.forward(xs)?, None, &[])? + xs)?;
-        let xs = (self.attn2.forward(&self.norm2.forward(&xs)?, Some(context), ip)? + xs)?;
+        let xs = (self
+            .attn2
+            .forward(&self.norm2.forward(&xs)?, Some(context), ip)?
+            + xs)?;
         self.ff.forward(&self.norm3.forward(&xs)?)? + xs
     }
 }
@@ -175,11 +182,24 @@ impl SpatialTransformer {
             if cfg.use_linear_projection {
                 Ok(Projection::Linear(linear(c, c, vb.pp(name))?))
             } else {
-                Ok(Projection::Conv(conv2d(c, c, 1, Default::default(), vb.pp(name))?))
+                Ok(Projection::Conv(conv2d(
+                    c,
+                    c,
+                    1,
+                    Default::default(),
+                    vb.pp(name),
+                )?))
             }
         };
         let blocks = (0..cfg.depth)
-            .map(|i| TransformerBlock::new(vb.pp("transformer_blocks").pp(i), c, cfg.context_dim, cfg.heads))
+            .map(|i| {
+                TransformerBlock::new(
+                    vb.pp("transformer_blocks").pp(i),
+                    c,
+                    cfg.context_dim,
+                    cfg.heads,
+                )
+            })
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             norm: group_norm(cfg.groups, c, 1e-6, vb.pp("norm"))?,
@@ -190,24 +210,24 @@ impl SpatialTransformer {
         })
     }
 
-    /// Number of cross-attention layers inside.
-    pub fn layers(&self) -> usize {
-        self.blocks.len()
-    }
-
     pub fn forward(&self, xs: &Tensor, context: &Tensor, ip: &[Vec<IpKeyValue>]) -> Result<Tensor> {
         let (b, c, h, w) = xs.dims4()?;
         let normed = self.norm.forward(xs)?;
-        let tokens = |t: Tensor| -> Result<Tensor> { t.permute((0, 2, 3, 1))?.reshape((b, h * w, c)) };
+        let tokens =
+            |t: Tensor| -> Result<Tensor> { t.permute((0, 2, 3, 1))?.reshape((b, h * w, c)) };
         let mut hidden = match &self.proj_in {
             Projection::Conv(conv) => tokens(conv.forward(&normed)?)?,
             Projection::Linear(lin) => lin.forward(&tokens(normed)?)?,
         };
         for (i, block) in self.blocks.iter().enumerate() {
-            let layer_ip = ip.get(self.first_layer + i).map(Vec::as_slice).unwrap_or(&[]);
+            let layer_ip = ip
+                .get(self.first_layer + i)
+                .map(Vec::as_slice)
+                .unwrap_or(&[]);
             hidden = block.forward(&hidden, context, layer_ip)?;
         }
-        let spatial = |t: Tensor| -> Result<Tensor> { t.reshape((b, h, w, c))?.permute((0, 3, 1, 2)) };
+        let spatial =
+            |t: Tensor| -> Result<Tensor> { t.reshape((b, h, w, c))?.permute((0, 3, 1, 2)) };
         let out = match &self.proj_out {
             Projection::Conv(conv) => conv.forward(&spatial(hidden)?.contiguous()?)?,
             Projection::Linear(lin) => spatial(lin.forward(&hidden)?)?,

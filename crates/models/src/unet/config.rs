@@ -20,7 +20,10 @@ impl<T: Clone> PerBlock<T> {
             PerBlock::Each(v) if v.len() == n => Ok(v.clone()),
             PerBlock::Each(v) => Err(ModelError::Config {
                 path: path.to_path_buf(),
-                message: format!("`{field}` has {} entries, expected one per block ({n})", v.len()),
+                message: format!(
+                    "`{field}` has {} entries, expected one per block ({n})",
+                    v.len()
+                ),
             }),
         }
     }
@@ -206,31 +209,47 @@ impl UNetConfig {
         }
         if let Some(t) = raw.time_embedding_type.as_deref() {
             if t != "positional" {
-                return Err(err(format!("`time_embedding_type: {t}` is not supported (only positional)")));
+                return Err(err(format!(
+                    "`time_embedding_type: {t}` is not supported (only positional)"
+                )));
             }
         }
         if let Some(t) = raw.resnet_time_scale_shift.as_deref() {
             if t != "default" {
-                return Err(err(format!("`resnet_time_scale_shift: {t}` is not supported (only default)")));
+                return Err(err(format!(
+                    "`resnet_time_scale_shift: {t}` is not supported (only default)"
+                )));
             }
         }
         if raw.dual_cross_attention == Some(true) {
-            return Err(err("`dual_cross_attention: true` is not supported".to_string()));
+            return Err(err(
+                "`dual_cross_attention: true` is not supported".to_string()
+            ));
         }
         if let Some(oca) = &raw.only_cross_attention {
-            if oca.expand(n, "only_cross_attention", path)?.iter().any(|&b| b) {
-                return Err(err("`only_cross_attention: true` is not supported".to_string()));
+            if oca
+                .expand(n, "only_cross_attention", path)?
+                .iter()
+                .any(|&b| b)
+            {
+                return Err(err(
+                    "`only_cross_attention: true` is not supported".to_string()
+                ));
             }
         }
         if raw.encoder_hid_dim.is_some() || raw.num_class_embeds.is_some() {
-            return Err(err("`encoder_hid_dim` / `num_class_embeds` are not supported".to_string()));
+            return Err(err(
+                "`encoder_hid_dim` / `num_class_embeds` are not supported".to_string(),
+            ));
         }
         let cross_attention_dim = match raw.cross_attention_dim {
             PerBlock::One(d) => d,
             PerBlock::Each(v) => {
                 let first = v.first().copied().unwrap_or(0);
                 if v.iter().any(|&d| d != first) {
-                    return Err(err("per-block `cross_attention_dim` values must all be equal".to_string()));
+                    return Err(err(
+                        "per-block `cross_attention_dim` values must all be equal".to_string(),
+                    ));
                 }
                 first
             }
@@ -240,7 +259,9 @@ impl UNetConfig {
         let heads = raw
             .num_attention_heads
             .or(raw.attention_head_dim)
-            .ok_or_else(|| err("neither `num_attention_heads` nor `attention_head_dim` is set".to_string()))?;
+            .ok_or_else(|| {
+                err("neither `num_attention_heads` nor `attention_head_dim` is set".to_string())
+            })?;
         let num_attention_heads = heads.expand(n, "attention_head_dim", path)?;
         let transformer_layers_per_block = raw
             .transformer_layers_per_block
@@ -248,13 +269,13 @@ impl UNetConfig {
             .expand(n, "transformer_layers_per_block", path)?;
         let layers_per_block = raw.layers_per_block.expand(n, "layers_per_block", path)?;
         for (i, &c) in raw.block_out_channels.iter().enumerate() {
-            if c % raw.norm_num_groups != 0 {
+            if !c.is_multiple_of(raw.norm_num_groups) {
                 return Err(err(format!(
                     "`block_out_channels[{i}]` = {c} is not divisible by `norm_num_groups` = {}",
                     raw.norm_num_groups
                 )));
             }
-            if c % num_attention_heads[i] != 0 {
+            if !c.is_multiple_of(num_attention_heads[i]) {
                 return Err(err(format!(
                     "`block_out_channels[{i}]` = {c} is not divisible by its head count {}",
                     num_attention_heads[i]
@@ -299,7 +320,10 @@ impl UNetConfig {
             .iter()
             .enumerate()
             .filter(|(_, k)| **k == UpBlockKind::CrossAttn)
-            .map(|(i, _)| (self.layers_per_block[n - 1 - i] + 1) * self.transformer_layers_per_block[n - 1 - i])
+            .map(|(i, _)| {
+                (self.layers_per_block[n - 1 - i] + 1)
+                    * self.transformer_layers_per_block[n - 1 - i]
+            })
             .sum();
         down + up + self.transformer_layers_per_block[n - 1]
     }

@@ -83,7 +83,13 @@ impl ResnetBlock {
         eps: f64,
     ) -> Result<Self> {
         let conv_shortcut = if in_c != out_c {
-            Some(conv2d(in_c, out_c, 1, Default::default(), vb.pp("conv_shortcut"))?)
+            Some(conv2d(
+                in_c,
+                out_c,
+                1,
+                Default::default(),
+                vb.pp("conv_shortcut"),
+            )?)
         } else {
             None
         };
@@ -99,7 +105,11 @@ impl ResnetBlock {
 
     pub fn forward(&self, xs: &Tensor, temb: &Tensor) -> Result<Tensor> {
         let h = self.conv1.forward(&self.norm1.forward(xs)?.silu()?)?;
-        let t = self.time_emb_proj.forward(&temb.silu()?)?.unsqueeze(2)?.unsqueeze(3)?;
+        let t = self
+            .time_emb_proj
+            .forward(&temb.silu()?)?
+            .unsqueeze(2)?
+            .unsqueeze(3)?;
         let h = h.broadcast_add(&t)?;
         let h = self.conv2.forward(&self.norm2.forward(&h)?.silu()?)?;
         let shortcut = match &self.conv_shortcut {

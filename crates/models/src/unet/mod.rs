@@ -94,15 +94,22 @@ impl UNet2DConditionModel {
         let mut next_layer = 0usize;
         let mut down_blocks = Vec::with_capacity(n);
         let mut out_c = channels[0];
-        for i in 0..n {
+        for (i, &block_c) in channels.iter().enumerate() {
             let in_c = out_c;
-            out_c = channels[i];
+            out_c = block_c;
             let vb_block = vb.pp("down_blocks").pp(i);
             let mut resnets = Vec::new();
             let mut attentions = Vec::new();
             for l in 0..cfg.layers_per_block[i] {
                 let rin = if l == 0 { in_c } else { out_c };
-                resnets.push(ResnetBlock::new(vb_block.pp("resnets").pp(l), rin, out_c, temb_c, groups, eps)?);
+                resnets.push(ResnetBlock::new(
+                    vb_block.pp("resnets").pp(l),
+                    rin,
+                    out_c,
+                    temb_c,
+                    groups,
+                    eps,
+                )?);
                 if cfg.down_blocks[i] == DownBlockKind::CrossAttn {
                     let depth = cfg.transformer_layers_per_block[i];
                     attentions.push(transformer(
@@ -116,7 +123,11 @@ impl UNet2DConditionModel {
                 }
             }
             let downsampler = if i + 1 < n {
-                Some(Downsample::new(vb_block.pp("downsamplers.0"), out_c, cfg.downsample_padding)?)
+                Some(Downsample::new(
+                    vb_block.pp("downsamplers.0"),
+                    out_c,
+                    cfg.downsample_padding,
+                )?)
             } else {
                 None
             };
@@ -184,7 +195,14 @@ impl UNet2DConditionModel {
                 cfg.transformer_layers_per_block[n - 1],
                 next_layer,
             )?,
-            resnet_out: ResnetBlock::new(vb_mid.pp("resnets.1"), mid_c, mid_c, temb_c, groups, eps)?,
+            resnet_out: ResnetBlock::new(
+                vb_mid.pp("resnets.1"),
+                mid_c,
+                mid_c,
+                temb_c,
+                groups,
+                eps,
+            )?,
         };
 
         Ok(Self {
@@ -195,7 +213,13 @@ impl UNet2DConditionModel {
             mid_block,
             up_blocks,
             conv_norm_out: group_norm(groups, channels[0], eps, vb.pp("conv_norm_out"))?,
-            conv_out: conv2d(channels[0], cfg.out_channels, 3, conv_cfg, vb.pp("conv_out"))?,
+            conv_out: conv2d(
+                channels[0],
+                cfg.out_channels,
+                3,
+                conv_cfg,
+                vb.pp("conv_out"),
+            )?,
         })
     }
 
