@@ -56,7 +56,10 @@ fn default_eps() -> f64 {
 impl ClipTextConfig {
     pub fn from_file(path: &Path) -> crate::error::Result<Self> {
         let config: Self = read_json(path, "a CLIPTextModel config")?;
-        if !config.hidden_size.is_multiple_of(config.num_attention_heads) {
+        if !config
+            .hidden_size
+            .is_multiple_of(config.num_attention_heads)
+        {
             return Err(ModelError::Config {
                 path: path.to_path_buf(),
                 message: format!(

@@ -310,7 +310,8 @@ fn plan_generate(
             (side, side)
         }
     };
-    if width == 0 || height == 0 || !width.is_multiple_of(factor) || !height.is_multiple_of(factor) {
+    if width == 0 || height == 0 || !width.is_multiple_of(factor) || !height.is_multiple_of(factor)
+    {
         return Err(cx.error(
             &key("size"),
             format!("size [{width}, {height}] must be positive multiples of {factor} (the VAE's downscale factor)"),

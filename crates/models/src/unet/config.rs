@@ -305,18 +305,20 @@ impl UNetConfig {
         })
     }
 
-    /// The number of cross-attention layers, i.e. the number of IP-Adapter key/value slots.
-    pub fn cross_attention_layers(&self) -> usize {
-        let down: usize = self
-            .down_blocks
+    /// Cross-attention layers in the down blocks.
+    pub fn down_cross_attention_layers(&self) -> usize {
+        self.down_blocks
             .iter()
             .enumerate()
             .filter(|(_, k)| **k == DownBlockKind::CrossAttn)
             .map(|(i, _)| self.layers_per_block[i] * self.transformer_layers_per_block[i])
-            .sum();
+            .sum()
+    }
+
+    /// Cross-attention layers in the up blocks (which have one more layer per block).
+    pub fn up_cross_attention_layers(&self) -> usize {
         let n = self.block_out_channels.len();
-        let up: usize = self
-            .up_blocks
+        self.up_blocks
             .iter()
             .enumerate()
             .filter(|(_, k)| **k == UpBlockKind::CrossAttn)
@@ -324,7 +326,14 @@ impl UNetConfig {
                 (self.layers_per_block[n - 1 - i] + 1)
                     * self.transformer_layers_per_block[n - 1 - i]
             })
-            .sum();
-        down + up + self.transformer_layers_per_block[n - 1]
+            .sum()
+    }
+
+    /// The number of cross-attention layers, i.e. the number of IP-Adapter key/value slots.
+    pub fn cross_attention_layers(&self) -> usize {
+        let n = self.block_out_channels.len();
+        self.down_cross_attention_layers()
+            + self.up_cross_attention_layers()
+            + self.transformer_layers_per_block[n - 1]
     }
 }

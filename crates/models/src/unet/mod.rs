@@ -7,7 +7,8 @@
 
 mod attention;
 mod config;
-mod layers;
+pub(crate) mod encoder;
+pub(crate) mod layers;
 
 pub use attention::{multi_head_attention, IpKeyValue};
 pub use config::{DownBlockKind, UNetConfig, UpBlockKind};
@@ -15,8 +16,9 @@ pub use config::{DownBlockKind, UNetConfig, UpBlockKind};
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{conv2d, group_norm, Conv2d, Conv2dConfig, GroupNorm, VarBuilder};
 
-use attention::{SpatialTransformer, SpatialTransformerConfig};
-use layers::{timestep_features, Downsample, ResnetBlock, TimestepEmbedding, Upsample};
+use attention::SpatialTransformer;
+use encoder::{time_embedding_channels, transformer, Encoder};
+use layers::{ResnetBlock, Upsample};
 
 /// Everything added to the frozen UNet for one step. Empty by default.
 #[derive(Debug, Default, Clone, Copy)]
@@ -32,30 +34,15 @@ pub struct Injections<'a> {
     pub down_block_features: Option<&'a [Tensor]>,
 }
 
-struct DownBlock {
-    resnets: Vec<ResnetBlock>,
-    attentions: Vec<SpatialTransformer>,
-    downsampler: Option<Downsample>,
-}
-
 struct UpBlock {
     resnets: Vec<ResnetBlock>,
     attentions: Vec<SpatialTransformer>,
     upsampler: Option<Upsample>,
 }
 
-struct MidBlock {
-    resnet_in: ResnetBlock,
-    attention: SpatialTransformer,
-    resnet_out: ResnetBlock,
-}
-
 pub struct UNet2DConditionModel {
     config: UNetConfig,
-    conv_in: Conv2d,
-    time_embedding: TimestepEmbedding,
-    down_blocks: Vec<DownBlock>,
-    mid_block: MidBlock,
+    encoder: Encoder,
     up_blocks: Vec<UpBlock>,
     conv_norm_out: GroupNorm,
     conv_out: Conv2d,
@@ -66,78 +53,17 @@ impl UNet2DConditionModel {
         let cfg = config;
         let channels = &cfg.block_out_channels;
         let n = channels.len();
-        let temb_c = channels[0] * 4;
+        let temb_c = time_embedding_channels(cfg);
         let groups = cfg.norm_num_groups;
         let eps = cfg.norm_eps;
         let conv_cfg = Conv2dConfig {
             padding: 1,
             ..Default::default()
         };
-        let conv_in = conv2d(cfg.in_channels, channels[0], 3, conv_cfg, vb.pp("conv_in"))?;
-        let time_embedding = TimestepEmbedding::new(vb.pp("time_embedding"), channels[0], temb_c)?;
-        let transformer = |vb: VarBuilder, c: usize, heads: usize, depth: usize, first: usize| {
-            SpatialTransformer::new(
-                vb,
-                &SpatialTransformerConfig {
-                    channels: c,
-                    heads,
-                    depth,
-                    context_dim: cfg.cross_attention_dim,
-                    groups,
-                    use_linear_projection: cfg.use_linear_projection,
-                    first_layer: first,
-                },
-            )
-        };
-
         // IP layer numbering follows diffusers' attn_processors walk: down, then up, then mid.
-        let mut next_layer = 0usize;
-        let mut down_blocks = Vec::with_capacity(n);
-        let mut out_c = channels[0];
-        for (i, &block_c) in channels.iter().enumerate() {
-            let in_c = out_c;
-            out_c = block_c;
-            let vb_block = vb.pp("down_blocks").pp(i);
-            let mut resnets = Vec::new();
-            let mut attentions = Vec::new();
-            for l in 0..cfg.layers_per_block[i] {
-                let rin = if l == 0 { in_c } else { out_c };
-                resnets.push(ResnetBlock::new(
-                    vb_block.pp("resnets").pp(l),
-                    rin,
-                    out_c,
-                    temb_c,
-                    groups,
-                    eps,
-                )?);
-                if cfg.down_blocks[i] == DownBlockKind::CrossAttn {
-                    let depth = cfg.transformer_layers_per_block[i];
-                    attentions.push(transformer(
-                        vb_block.pp("attentions").pp(l),
-                        out_c,
-                        cfg.num_attention_heads[i],
-                        depth,
-                        next_layer,
-                    )?);
-                    next_layer += depth;
-                }
-            }
-            let downsampler = if i + 1 < n {
-                Some(Downsample::new(
-                    vb_block.pp("downsamplers.0"),
-                    out_c,
-                    cfg.downsample_padding,
-                )?)
-            } else {
-                None
-            };
-            down_blocks.push(DownBlock {
-                resnets,
-                attentions,
-                downsampler,
-            });
-        }
-
+        let mut next_layer = cfg.down_cross_attention_layers();
+        let mid_first_layer = next_layer + cfg.up_cross_attention_layers();
+        let encoder = Encoder::new(&vb, cfg, mid_first_layer)?;
         let mut up_blocks = Vec::with_capacity(n);
         let rev = |v: &Vec<usize>, i: usize| v[n - 1 - i];
         let mut out_c = channels[n - 1];
@@ -164,6 +90,7 @@ impl UNet2DConditionModel {
                     let depth = rev(&cfg.transformer_layers_per_block, i);
                     attentions.push(transformer(
                         vb_block.pp("attentions").pp(l),
+                        cfg,
                         out_c,
                         rev(&cfg.num_attention_heads, i),
                         depth,
@@ -184,33 +111,9 @@ impl UNet2DConditionModel {
             });
         }
 
-        let mid_c = channels[n - 1];
-        let vb_mid = vb.pp("mid_block");
-        let mid_block = MidBlock {
-            resnet_in: ResnetBlock::new(vb_mid.pp("resnets.0"), mid_c, mid_c, temb_c, groups, eps)?,
-            attention: transformer(
-                vb_mid.pp("attentions.0"),
-                mid_c,
-                cfg.num_attention_heads[n - 1],
-                cfg.transformer_layers_per_block[n - 1],
-                next_layer,
-            )?,
-            resnet_out: ResnetBlock::new(
-                vb_mid.pp("resnets.1"),
-                mid_c,
-                mid_c,
-                temb_c,
-                groups,
-                eps,
-            )?,
-        };
-
         Ok(Self {
             config: config.clone(),
-            conv_in,
-            time_embedding,
-            down_blocks,
-            mid_block,
+            encoder,
             up_blocks,
             conv_norm_out: group_norm(groups, channels[0], eps, vb.pp("conv_norm_out"))?,
             conv_out: conv2d(
@@ -236,52 +139,15 @@ impl UNet2DConditionModel {
         context: &Tensor,
         injections: &Injections,
     ) -> Result<Tensor> {
-        let batch = sample.dim(0)?;
-        let dtype = sample.dtype();
-        let device = sample.device();
-        let timesteps = Tensor::full(timestep as f32, batch, device)?;
-        let t_features = timestep_features(
-            &timesteps,
-            self.config.block_out_channels[0],
-            self.config.flip_sin_to_cos,
-            self.config.freq_shift,
-        )?
-        .to_dtype(dtype)?;
-        let temb = self.time_embedding.forward(&t_features)?;
-
-        let mut xs = self.conv_in.forward(sample)?;
-        let mut skips = vec![xs.clone()];
+        let temb = self.encoder.time_embedding(timestep, sample)?;
         let ip = injections.ip_layers;
-        for (i, block) in self.down_blocks.iter().enumerate() {
-            let feature = injections.down_block_features.and_then(|f| f.get(i));
-            for (l, resnet) in block.resnets.iter().enumerate() {
-                xs = resnet.forward(&xs, &temb)?;
-                if let Some(attn) = block.attentions.get(l) {
-                    xs = attn.forward(&xs, context, ip)?;
-                }
-                // T2I features: a cross-attention block adds them after its last
-                // resnet/attention pair, before that output is kept as a skip.
-                if l + 1 == block.resnets.len() && !block.attentions.is_empty() {
-                    if let Some(f) = feature {
-                        xs = (xs + f)?;
-                    }
-                }
-                skips.push(xs.clone());
-            }
-            if let Some(down) = &block.downsampler {
-                xs = down.forward(&xs)?;
-                skips.push(xs.clone());
-            }
-            // A plain block adds them to its output in place, so its last skip carries them too.
-            if block.attentions.is_empty() {
-                if let Some(f) = feature {
-                    xs = (xs + f)?;
-                    if let Some(last) = skips.last_mut() {
-                        *last = xs.clone();
-                    }
-                }
-            }
-        }
+        let (mut xs, mut skips) = self.encoder.down(
+            self.encoder.conv_in(sample)?,
+            &temb,
+            context,
+            ip,
+            injections.down_block_features,
+        )?;
 
         if let Some(residuals) = injections.down_residuals {
             if residuals.len() != skips.len() {
@@ -296,10 +162,7 @@ impl UNet2DConditionModel {
             }
         }
 
-        let mid = &self.mid_block;
-        xs = mid.resnet_in.forward(&xs, &temb)?;
-        xs = mid.attention.forward(&xs, context, ip)?;
-        xs = mid.resnet_out.forward(&xs, &temb)?;
+        xs = self.encoder.mid_block.forward(&xs, &temb, context, ip)?;
         if let Some(residual) = injections.mid_residual {
             xs = (xs + residual)?;
         }
