@@ -6,27 +6,11 @@
 use std::path::Path;
 
 use candle_core::{DType, Device, Module, Result, Tensor, D};
-use candle_nn::{embedding, layer_norm, linear, Embedding, LayerNorm, Linear, VarBuilder};
+use candle_nn::{embedding, layer_norm, Embedding, LayerNorm, VarBuilder};
 use serde::Deserialize;
 
+use crate::clip_encoder::{Activation, EncoderLayer, EncoderLayerConfig};
 use crate::error::{read_json, ModelError};
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-pub enum Activation {
-    #[serde(rename = "quick_gelu")]
-    QuickGelu,
-    #[serde(rename = "gelu")]
-    Gelu,
-}
-
-impl Activation {
-    fn apply(self, xs: &Tensor) -> Result<Tensor> {
-        match self {
-            Activation::QuickGelu => xs * candle_nn::ops::sigmoid(&(xs * 1.702)?)?,
-            Activation::Gelu => xs.gelu_erf(),
-        }
-    }
-}
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct ClipTextConfig {
@@ -72,62 +56,6 @@ impl ClipTextConfig {
     }
 }
 
-#[derive(Debug, Clone)]
-struct EncoderLayer {
-    layer_norm1: LayerNorm,
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
-    out_proj: Linear,
-    layer_norm2: LayerNorm,
-    fc1: Linear,
-    fc2: Linear,
-    heads: usize,
-    activation: Activation,
-}
-
-impl EncoderLayer {
-    fn new(vb: VarBuilder, cfg: &ClipTextConfig) -> Result<Self> {
-        let h = cfg.hidden_size;
-        let attn = vb.pp("self_attn");
-        Ok(Self {
-            layer_norm1: layer_norm(h, cfg.layer_norm_eps, vb.pp("layer_norm1"))?,
-            q_proj: linear(h, h, attn.pp("q_proj"))?,
-            k_proj: linear(h, h, attn.pp("k_proj"))?,
-            v_proj: linear(h, h, attn.pp("v_proj"))?,
-            out_proj: linear(h, h, attn.pp("out_proj"))?,
-            layer_norm2: layer_norm(h, cfg.layer_norm_eps, vb.pp("layer_norm2"))?,
-            fc1: linear(h, cfg.intermediate_size, vb.pp("mlp.fc1"))?,
-            fc2: linear(cfg.intermediate_size, h, vb.pp("mlp.fc2"))?,
-            heads: cfg.num_attention_heads,
-            activation: cfg.hidden_act,
-        })
-    }
-
-    fn forward(&self, xs: &Tensor, causal_mask: &Tensor) -> Result<Tensor> {
-        let (b, n, c) = xs.dims3()?;
-        let head_dim = c / self.heads;
-        let normed = self.layer_norm1.forward(xs)?;
-        let split = |t: Tensor| -> Result<Tensor> {
-            t.reshape((b, n, self.heads, head_dim))?
-                .transpose(1, 2)?
-                .contiguous()
-        };
-        let q = split((self.q_proj.forward(&normed)? * (head_dim as f64).powf(-0.5))?)?;
-        let k = split(self.k_proj.forward(&normed)?)?;
-        let v = split(self.v_proj.forward(&normed)?)?;
-        let scores = q.matmul(&k.t()?)?.broadcast_add(causal_mask)?;
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-        let attn = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, n, c))?;
-        let xs = (xs + self.out_proj.forward(&attn)?)?;
-        let normed = self.layer_norm2.forward(&xs)?;
-        let mlp = self
-            .fc2
-            .forward(&self.activation.apply(&self.fc1.forward(&normed)?)?)?;
-        xs + mlp
-    }
-}
-
 /// `CLIPTextModel`. Weights may be stored with or without the `text_model.` prefix.
 #[derive(Debug, Clone)]
 pub struct ClipTextModel {
@@ -146,8 +74,15 @@ impl ClipTextModel {
             vb
         };
         let emb = vb.pp("embeddings");
+        let layer_cfg = EncoderLayerConfig {
+            hidden_size: cfg.hidden_size,
+            intermediate_size: cfg.intermediate_size,
+            num_attention_heads: cfg.num_attention_heads,
+            layer_norm_eps: cfg.layer_norm_eps,
+            activation: cfg.hidden_act,
+        };
         let layers = (0..cfg.num_hidden_layers)
-            .map(|i| EncoderLayer::new(vb.pp("encoder.layers").pp(i), cfg))
+            .map(|i| EncoderLayer::new(vb.pp("encoder.layers").pp(i), &layer_cfg))
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             token_embedding: embedding(cfg.vocab_size, cfg.hidden_size, emb.pp("token_embedding"))?,
@@ -194,7 +129,7 @@ impl ClipTextModel {
             .broadcast_add(&self.position_embedding.forward(&positions)?)?;
         let mask = Self::causal_mask(n, xs.dtype(), xs.device())?;
         for layer in &self.layers[..self.layers.len() - clip_skip] {
-            xs = layer.forward(&xs, &mask)?;
+            xs = layer.forward(&xs, Some(&mask))?;
         }
         self.final_layer_norm.forward(&xs)
     }

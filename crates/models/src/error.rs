@@ -22,6 +22,17 @@ pub enum ModelError {
     MissingWeights { path: PathBuf, looked_for: String },
     #[error("{0}")]
     Weights(String),
+    /// A ControlNet or adapter made for a different base model.
+    #[error(
+        "{what} {path} was made for a base with {field} {found}, the base model has {expected}"
+    )]
+    Incompatible {
+        what: &'static str,
+        path: PathBuf,
+        field: &'static str,
+        found: String,
+        expected: String,
+    },
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
 }

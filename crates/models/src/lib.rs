@@ -1,9 +1,16 @@
 //! Stable Diffusion models for ipcompose: a UNet with explicit injection points, the CLIP text
 //! encoder and tokenizer, the VAE, and loading from diffusers folders.
 
+mod clip_encoder;
 pub mod clip_text;
+pub mod clip_vision;
+pub use clip_encoder::Activation;
+pub mod controlnet;
 pub mod error;
 pub mod folder;
+pub mod ip_adapter;
+pub mod single_file;
+pub mod t2i_adapter;
 pub mod unet;
 pub mod vae;
 pub mod weights;

@@ -202,7 +202,7 @@ impl ClipTokenizer {
                 });
             }
         }
-        special_tokens.sort_by(|a, b| b.content.len().cmp(&a.content.len()));
+        special_tokens.sort_by_key(|token| std::cmp::Reverse(token.content.len()));
 
         Ok(Self {
             vocab,

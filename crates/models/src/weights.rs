@@ -11,7 +11,8 @@ use crate::error::{ModelError, Result};
 
 enum Container {
     Safetensors(candle_core::safetensors::MmapedSafetensors),
-    Pickle(candle_core::pickle::PthTensors),
+    /// Sub-dictionaries of one pickle, each seen under a name prefix (`""` for a flat file).
+    Pickle(Vec<(String, candle_core::pickle::PthTensors)>),
 }
 
 /// A set of weight files read as one namespace of tensors.
@@ -48,13 +49,8 @@ impl WeightStore {
                     first.display()
                 )));
             }
-            let pth = candle_core::pickle::PthTensors::new(first, None).map_err(|e| {
-                ModelError::Weights(format!(
-                    "{}: not a readable PyTorch file: {e}",
-                    first.display()
-                ))
-            })?;
-            Container::Pickle(pth)
+            let pth = open_pickle(first, None)?;
+            Container::Pickle(vec![(String::new(), pth)])
         } else {
             // SAFETY: the files are opened read-only and not modified while mapped.
             let st = unsafe { candle_core::safetensors::MmapedSafetensors::multi(files) }.map_err(
@@ -70,6 +66,25 @@ impl WeightStore {
         Ok(Self {
             container,
             files: files.to_vec(),
+        })
+    }
+
+    /// Opens a PyTorch pickle holding a dict of dicts (e.g. IP-Adapter's
+    /// `{"image_proj": {...}, "ip_adapter": {...}}`): each named group is exposed as
+    /// `group.tensor_name`; absent groups are skipped.
+    pub fn open_pickle_groups(path: &Path, groups: &[&str]) -> Result<Self> {
+        let mut parts = Vec::new();
+        for group in groups {
+            if let Ok(pth) = candle_core::pickle::PthTensors::new(path, Some(group)) {
+                parts.push((format!("{group}."), pth));
+            }
+        }
+        if parts.is_empty() {
+            parts.push((String::new(), open_pickle(path, None)?));
+        }
+        Ok(Self {
+            container: Container::Pickle(parts),
+            files: vec![path.to_path_buf()],
         })
     }
 
@@ -89,7 +104,36 @@ impl WeightStore {
     pub fn tensor_names(&self) -> Vec<String> {
         match &self.container {
             Container::Safetensors(st) => st.tensors().into_iter().map(|(n, _)| n).collect(),
-            Container::Pickle(p) => p.tensor_infos().keys().cloned().collect(),
+            Container::Pickle(parts) => parts
+                .iter()
+                .flat_map(|(prefix, p)| {
+                    p.tensor_infos().keys().map(move |k| format!("{prefix}{k}"))
+                })
+                .collect(),
+        }
+    }
+
+    /// The shape of a tensor, read from the file's header (no data is loaded).
+    pub fn shape(&self, name: &str) -> Option<Vec<usize>> {
+        match &self.container {
+            Container::Safetensors(st) => st.get(name).ok().map(|v| v.shape().to_vec()),
+            Container::Pickle(parts) => parts.iter().find_map(|(prefix, p)| {
+                let inner = name.strip_prefix(prefix.as_str())?;
+                p.tensor_infos()
+                    .get(inner)
+                    .map(|i| i.layout.shape().dims().to_vec())
+            }),
+        }
+    }
+
+    /// The stored dtype of a tensor, from the header.
+    pub fn dtype(&self, name: &str) -> Option<DType> {
+        match &self.container {
+            Container::Safetensors(st) => st.get(name).ok().and_then(|v| DType::try_from(v.dtype()).ok()),
+            Container::Pickle(parts) => parts.iter().find_map(|(prefix, p)| {
+                let inner = name.strip_prefix(prefix.as_str())?;
+                p.tensor_infos().get(inner).map(|i| i.dtype)
+            }),
         }
     }
 
@@ -101,10 +145,16 @@ impl WeightStore {
                 }
                 st.load(name, device).map(Some)
             }
-            Container::Pickle(p) => match p.get(name)? {
-                Some(t) => t.to_device(device).map(Some),
-                None => Ok(None),
-            },
+            Container::Pickle(parts) => {
+                for (prefix, p) in parts {
+                    if let Some(inner) = name.strip_prefix(prefix.as_str()) {
+                        if let Some(t) = p.get(inner)? {
+                            return t.to_device(device).map(Some);
+                        }
+                    }
+                }
+                Ok(None)
+            }
         }
     }
 
@@ -148,9 +198,21 @@ impl SimpleBackend for WeightStore {
     fn contains_tensor(&self, name: &str) -> bool {
         match &self.container {
             Container::Safetensors(st) => st.get(name).is_ok(),
-            Container::Pickle(p) => p.tensor_infos().contains_key(name),
+            Container::Pickle(parts) => parts.iter().any(|(prefix, p)| {
+                name.strip_prefix(prefix.as_str())
+                    .is_some_and(|inner| p.tensor_infos().contains_key(inner))
+            }),
         }
     }
+}
+
+fn open_pickle(path: &Path, key: Option<&str>) -> Result<candle_core::pickle::PthTensors> {
+    candle_core::pickle::PthTensors::new(path, key).map_err(|e| {
+        ModelError::Weights(format!(
+            "{}: not a readable PyTorch file: {e}",
+            path.display()
+        ))
+    })
 }
 
 /// Finds the weight file(s) of a diffusers component folder: safetensors first (optionally the

@@ -40,7 +40,9 @@ struct RawUNetConfig {
     sample_size: Option<usize>,
     block_out_channels: Vec<usize>,
     down_block_types: Vec<String>,
-    up_block_types: Vec<String>,
+    /// Required for a UNet; absent from encoder-only configs (ControlNet).
+    #[serde(default)]
+    up_block_types: Option<Vec<String>>,
     #[serde(default)]
     mid_block_type: Option<String>,
     layers_per_block: PerBlock<usize>,
@@ -100,6 +102,13 @@ fn default_true() -> bool {
     true
 }
 
+/// Whether a config describes a whole UNet or only its encoder half (ControlNet).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Halves {
+    Whole,
+    EncoderOnly,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DownBlockKind {
     CrossAttn,
@@ -120,6 +129,7 @@ pub struct UNetConfig {
     pub sample_size: Option<usize>,
     pub block_out_channels: Vec<usize>,
     pub down_blocks: Vec<DownBlockKind>,
+    /// Empty for an encoder-only config (ControlNet).
     pub up_blocks: Vec<UpBlockKind>,
     pub layers_per_block: Vec<usize>,
     pub norm_num_groups: usize,
@@ -139,7 +149,7 @@ impl UNetConfig {
     /// Reads and validates `config.json`; errors name the file and the offending field.
     pub fn from_file(path: &Path) -> Result<Self> {
         let raw: RawUNetConfig = read_json(path, "a UNet2DConditionModel config")?;
-        Self::resolve(raw, path)
+        Self::resolve(raw, path, Halves::Whole)
     }
 
     pub fn from_json_str(text: &str, path: &Path) -> Result<Self> {
@@ -148,10 +158,26 @@ impl UNetConfig {
             what: "a UNet2DConditionModel config",
             source,
         })?;
-        Self::resolve(raw, path)
+        Self::resolve(raw, path, Halves::Whole)
     }
 
-    fn resolve(raw: RawUNetConfig, path: &Path) -> Result<Self> {
+    /// Resolves the UNet-like fields of a model that has only the encoder half (ControlNet's
+    /// `config.json`): the same validation, no `up_block_types` expected, `up_blocks` empty.
+    /// `what` names the model in JSON errors.
+    pub(crate) fn encoder_only_from_json_str(
+        text: &str,
+        path: &Path,
+        what: &'static str,
+    ) -> Result<Self> {
+        let raw: RawUNetConfig = serde_json::from_str(text).map_err(|source| ModelError::Json {
+            path: path.to_path_buf(),
+            what,
+            source,
+        })?;
+        Self::resolve(raw, path, Halves::EncoderOnly)
+    }
+
+    fn resolve(raw: RawUNetConfig, path: &Path, halves: Halves) -> Result<Self> {
         let err = |message: String| ModelError::Config {
             path: path.to_path_buf(),
             message,
@@ -160,11 +186,19 @@ impl UNetConfig {
         if n == 0 {
             return Err(err("`block_out_channels` is empty".to_string()));
         }
-        if raw.down_block_types.len() != n || raw.up_block_types.len() != n {
+        let up_block_types = match halves {
+            Halves::Whole => raw
+                .up_block_types
+                .clone()
+                .ok_or_else(|| err("missing field `up_block_types`".to_string()))?,
+            Halves::EncoderOnly => Vec::new(),
+        };
+        let up_count_ok = halves == Halves::EncoderOnly || up_block_types.len() == n;
+        if raw.down_block_types.len() != n || !up_count_ok {
             return Err(err(format!(
                 "`down_block_types` ({}) and `up_block_types` ({}) must have one entry per `block_out_channels` ({n})",
                 raw.down_block_types.len(),
-                raw.up_block_types.len()
+                up_block_types.len()
             )));
         }
         let down_blocks = raw
@@ -178,8 +212,7 @@ impl UNetConfig {
                 ))),
             })
             .collect::<Result<Vec<_>>>()?;
-        let up_blocks = raw
-            .up_block_types
+        let up_blocks = up_block_types
             .iter()
             .map(|t| match t.as_str() {
                 "CrossAttnUpBlock2D" => Ok(UpBlockKind::CrossAttn),
@@ -305,6 +338,20 @@ impl UNetConfig {
         })
     }
 
+    /// Channels of each skip tensor the down path records (the `conv_in` output, every
+    /// resnet/attention pair, every downsampler): one ControlNet residual each, in order.
+    pub fn skip_channels(&self) -> Vec<usize> {
+        let n = self.block_out_channels.len();
+        let mut channels = vec![self.block_out_channels[0]];
+        for (i, &c) in self.block_out_channels.iter().enumerate() {
+            channels.extend(std::iter::repeat_n(c, self.layers_per_block[i]));
+            if i + 1 < n {
+                channels.push(c);
+            }
+        }
+        channels
+    }
+
     /// Cross-attention layers in the down blocks.
     pub fn down_cross_attention_layers(&self) -> usize {
         self.down_blocks
@@ -335,5 +382,34 @@ impl UNetConfig {
         self.down_cross_attention_layers()
             + self.up_cross_attention_layers()
             + self.transformer_layers_per_block[n - 1]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ENCODER_ONLY: &str = r#"{
+        "block_out_channels": [32, 64],
+        "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+        "layers_per_block": 1, "cross_attention_dim": 16, "attention_head_dim": 2,
+        "norm_num_groups": 8
+    }"#;
+
+    #[test]
+    fn a_unet_needs_up_blocks_an_encoder_does_not() {
+        let path = Path::new("model/config.json");
+        let message = UNetConfig::from_json_str(ENCODER_ONLY, path)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            message.contains("model/config.json") && message.contains("up_block_types"),
+            "{message}"
+        );
+        let encoder =
+            UNetConfig::encoder_only_from_json_str(ENCODER_ONLY, path, "a test config").unwrap();
+        assert!(encoder.up_blocks.is_empty());
+        assert_eq!(encoder.skip_channels(), [32, 32, 32, 64]);
+        assert_eq!(encoder.cross_attention_layers(), 2);
     }
 }
