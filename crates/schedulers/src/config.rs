@@ -176,87 +176,97 @@ const ALIASES: &[(&str, &str)] = &[
     ("spacing", "timestep_spacing"),
 ];
 
+/// The one value of a guarded setting this crate implements.
+#[derive(Debug, Clone, Copy)]
+enum OnlySupported {
+    False,
+    Text(&'static str),
+    Null,
+}
+
+impl OnlySupported {
+    fn accepts(self, value: &Value) -> bool {
+        match self {
+            Self::False => read_bool(value) == Some(false),
+            Self::Text(expected) => value.as_str() == Some(expected),
+            Self::Null => value.is_null(),
+        }
+    }
+
+    fn describe(self) -> String {
+        match self {
+            Self::False => "false".to_owned(),
+            Self::Text(expected) => format!("\"{expected}\""),
+            Self::Null => "null".to_owned(),
+        }
+    }
+}
+
 /// Keys the diffusers classes accept whose non-default values this crate does not implement.
 /// A config that sets one of them otherwise is refused instead of being sampled wrongly.
 struct GuardedSetting {
     key: &'static str,
-    only_supported: fn() -> Value,
+    only_supported: OnlySupported,
     used_by: &'static [SchedulerKind],
 }
 
 const GUARDED: &[GuardedSetting] = &[
     GuardedSetting {
         key: "rescale_betas_zero_snr",
-        only_supported: json_false,
+        only_supported: OnlySupported::False,
         used_by: ALL_KINDS,
     },
     GuardedSetting {
         key: "thresholding",
-        only_supported: json_false,
+        only_supported: OnlySupported::False,
         used_by: &[Ddim, DpmPp2m],
     },
     GuardedSetting {
         key: "use_exponential_sigmas",
-        only_supported: json_false,
+        only_supported: OnlySupported::False,
         used_by: &[Euler, DpmPp2m],
     },
     GuardedSetting {
         key: "use_beta_sigmas",
-        only_supported: json_false,
+        only_supported: OnlySupported::False,
         used_by: &[Euler, DpmPp2m],
     },
     GuardedSetting {
         key: "use_lu_lambdas",
-        only_supported: json_false,
+        only_supported: OnlySupported::False,
         used_by: &[DpmPp2m],
     },
     GuardedSetting {
         key: "use_flow_sigmas",
-        only_supported: json_false,
+        only_supported: OnlySupported::False,
         used_by: &[DpmPp2m],
     },
     GuardedSetting {
         key: "use_dynamic_shifting",
-        only_supported: json_false,
+        only_supported: OnlySupported::False,
         used_by: &[DpmPp2m],
     },
     GuardedSetting {
         key: "interpolation_type",
-        only_supported: json_linear,
+        only_supported: OnlySupported::Text("linear"),
         used_by: &[Euler],
     },
     GuardedSetting {
         key: "timestep_type",
-        only_supported: json_discrete,
+        only_supported: OnlySupported::Text("discrete"),
         used_by: &[Euler],
     },
     GuardedSetting {
         key: "algorithm_type",
-        only_supported: json_dpmsolver_pp,
+        only_supported: OnlySupported::Text("dpmsolver++"),
         used_by: &[DpmPp2m],
     },
     GuardedSetting {
         key: "variance_type",
-        only_supported: json_null,
+        only_supported: OnlySupported::Null,
         used_by: &[DpmPp2m],
     },
 ];
-
-fn json_false() -> Value {
-    Value::Bool(false)
-}
-fn json_linear() -> Value {
-    Value::from("linear")
-}
-fn json_discrete() -> Value {
-    Value::from("discrete")
-}
-fn json_dpmsolver_pp() -> Value {
-    Value::from("dpmsolver++")
-}
-fn json_null() -> Value {
-    Value::Null
-}
 
 /// The default of `key` in the constructor of `kind`'s diffusers class.
 fn class_default(kind: SchedulerKind, key: &str) -> Value {
@@ -443,14 +453,13 @@ impl SchedulerConfig {
             .iter()
             .filter(|guarded| guarded.used_by.contains(&kind))
         {
-            let supported = (guarded.only_supported)();
             if let Some(value) = self.values.get(guarded.key) {
-                if !same_setting_value(value, &supported) {
+                if !guarded.only_supported.accepts(value) {
                     return Err(SchedulerError::Unsupported {
                         kind,
                         key: guarded.key.to_owned(),
                         value: value.to_string(),
-                        supported: supported.to_string(),
+                        supported: guarded.only_supported.describe(),
                     });
                 }
             }
@@ -628,15 +637,6 @@ fn read_bool(value: &Value) -> Option<bool> {
 
 fn read_float_list(value: &Value) -> Option<Vec<f64>> {
     value.as_array()?.iter().map(read_float).collect()
-}
-
-fn same_setting_value(value: &Value, supported: &Value) -> bool {
-    match (value, supported) {
-        (Value::Bool(_), Value::Bool(_)) => value == supported,
-        (Value::String(a), Value::String(b)) => a == b,
-        (_, Value::Null) => value.is_null(),
-        _ => read_bool(value) == read_bool(supported) && read_bool(value).is_some(),
-    }
 }
 
 /// Replaces the bare `NaN`, `Infinity` and `-Infinity` that Python's json module emits (outside

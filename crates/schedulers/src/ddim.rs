@@ -174,7 +174,47 @@ impl Scheduler for DdimScheduler {
 
 #[cfg(test)]
 mod tests {
-    use crate::{build_scheduler, SchedulerConfig, SchedulerKind};
+    use candle_core::{Device, Tensor};
+
+    use super::{DdimScheduler, KIND};
+    use crate::{build_scheduler, ReplayNoise, Scheduler, SchedulerConfig, SchedulerKind};
+
+    #[test]
+    fn eta_adds_scaled_noise() {
+        // F.3 with η = 1, evaluated in f64 on one element.
+        let config = SchedulerConfig::from_json_str(
+            r#"{"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012,
+                "steps_offset": 1, "set_alpha_to_one": false, "clip_sample": false}"#,
+        )
+        .and_then(|config| config.with_override("eta", 1.0.into()))
+        .expect("config");
+        let common = config.common_settings(KIND, 10).expect("settings");
+        let mut scheduler = DdimScheduler::new(&config, common, 10).expect("scheduler");
+        let (x, eps, noise) = (0.5f64, 0.1f64, -0.7f64);
+        let device = Device::Cpu;
+        let tensor =
+            |value: f64| Tensor::full(value as f32, (1, 1, 1, 1), &device).expect("tensor");
+        let mut replay = ReplayNoise::new([tensor(noise)]);
+        let result = scheduler
+            .step(&tensor(eps), 0, &tensor(x), &mut replay)
+            .and_then(|t| Ok(t.flatten_all()?.to_vec1::<f32>()?))
+            .expect("step");
+        assert_eq!(replay.remaining(), 0, "η > 0 must draw noise");
+
+        let t = scheduler.integer_timesteps[0] as usize;
+        let alpha = f64::from(scheduler.alphas_cumprod[t]);
+        let alpha_previous = f64::from(scheduler.alphas_cumprod[t - 100]);
+        let x0 = (x - (1.0 - alpha).sqrt() * eps) / alpha.sqrt();
+        let variance = (1.0 - alpha_previous) / (1.0 - alpha) * (1.0 - alpha / alpha_previous);
+        let expected = alpha_previous.sqrt() * x0
+            + (1.0 - alpha_previous - variance).sqrt() * eps
+            + variance.sqrt() * noise;
+        assert!(
+            (f64::from(result[0]) - expected).abs() < 1e-5,
+            "{} vs {expected}",
+            result[0]
+        );
+    }
 
     fn timesteps(spacing: &str, steps: usize) -> Vec<f64> {
         let config = SchedulerConfig::from_json_str(

@@ -167,7 +167,8 @@ pub(crate) fn numpy_linspace(start: f64, stop: f64, num: usize) -> Vec<f64> {
 /// by one for some step counts (e.g. 61 with trailing spacing), which diffusers inherits.
 pub(crate) fn numpy_arange(start: f64, stop: f64, step: f64) -> Vec<f64> {
     let length = ((stop - start) / step).ceil();
-    if !(length > 0.0) {
+    // Also catches NaN (a zero step).
+    if length.is_nan() || length <= 0.0 {
         return Vec::new();
     }
     let length = length as usize;
