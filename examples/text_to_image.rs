@@ -43,8 +43,9 @@ fn main() -> anyhow::Result<()> {
             guidance_rescale: 0.0,
             init: InitialNoise::Seed(i as u64),
             clip_skip: 0,
+            ip_adapters: Vec::new(),
         };
-        let generated = model.generate(&request, &mut |p| {
+        let generated = model.generate(&request, &Default::default(), &mut |p| {
             eprint!("\r{prompt}: {}/{}", p.step, p.total)
         })?;
         eprintln!();

@@ -10,7 +10,7 @@ mod common;
 use candle_core::{DType, Device, Tensor};
 use common::{fixtures, get, max_abs, max_abs_diff, reference};
 use ipcompose::models::unet::Injections;
-use ipcompose::pipeline::generate::{denoise, Guidance, TextConditioning};
+use ipcompose::pipeline::generate::{denoise, Conditions, Guidance, TextConditioning};
 use ipcompose::pipeline::plan::{GenerationPlan, InitialNoise};
 use ipcompose::pipeline::BaseModel;
 use ipcompose::schedulers::{build_scheduler, ReplayNoise, SchedulerConfig, SchedulerKind};
@@ -199,6 +199,7 @@ fn run_case(case: &Case) -> (f32, f32, f32) {
         guidance_rescale: 0.0,
         init: InitialNoise::Seed(0),
         clip_skip: 0,
+        ip_adapters: Vec::new(),
     };
     let text: TextConditioning = model.text_conditioning(&request).unwrap();
     let mut scheduler = build_scheduler(kind, &config, case.steps).unwrap();
@@ -214,6 +215,7 @@ fn run_case(case: &Case) -> (f32, f32, f32) {
             scale: case.guidance,
             rescale: 0.0,
         },
+        &Conditions::default(),
         &mut ReplayNoise::new(noise),
         &mut |_| {},
     )

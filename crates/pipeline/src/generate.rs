@@ -11,6 +11,7 @@ use ipcompose_models::vae::Vae;
 use ipcompose_schedulers::{build_scheduler, NoiseSource, Scheduler};
 
 use crate::error::{PipelineError, Result};
+use crate::ip::{step_injections, PreparedIpAdapter};
 use crate::noise::SeededNoise;
 use crate::plan::{BaseModelPlan, GenerationPlan, InitialNoise};
 
@@ -83,10 +84,18 @@ impl BaseModel {
         Ok(TextConditioning { context, guided })
     }
 
-    /// Runs one generation; returns the final latents and the decoded image in [0, 1].
+    /// `(width, height)` of the latent for an output size.
+    pub fn latent_size(&self, width: usize, height: usize) -> (usize, usize) {
+        let factor = self.vae.config().downscale_factor();
+        (width / factor, height / factor)
+    }
+
+    /// Runs one generation with its prepared `conditions`; returns the final latents and the
+    /// decoded image in [0, 1].
     pub fn generate(
         &self,
         request: &GenerationPlan,
+        conditions: &Conditions,
         progress: &mut dyn FnMut(Progress),
     ) -> Result<Generated> {
         let factor = self.vae.config().downscale_factor();
@@ -122,12 +131,19 @@ impl BaseModel {
                 scale: request.guidance,
                 rescale: request.guidance_rescale,
             },
+            conditions,
             noise.as_mut(),
             progress,
         )?;
         let image = self.vae.decode_to_unit(&latents)?;
         Ok(Generated { latents, image })
     }
+}
+
+/// Everything besides the text that steers a generation, prepared once before the loop.
+#[derive(Default)]
+pub struct Conditions {
+    pub ip_adapters: Vec<PreparedIpAdapter>,
 }
 
 pub struct TextConditioning {
@@ -188,6 +204,7 @@ pub fn denoise(
     init: &Tensor,
     text: &TextConditioning,
     guidance: &Guidance,
+    conditions: &Conditions,
     noise: &mut dyn NoiseSource,
     progress: &mut dyn FnMut(Progress),
 ) -> Result<Tensor> {
@@ -201,7 +218,12 @@ pub fn denoise(
             latents.clone()
         };
         let model_input = scheduler.scale_model_input(&model_input, step)?;
-        let prediction = unet.forward(&model_input, t, &text.context, &Injections::default())?;
+        let ip_layers = step_injections(&conditions.ip_adapters, step, total);
+        let injections = Injections {
+            ip_layers: &ip_layers,
+            ..Default::default()
+        };
+        let prediction = unet.forward(&model_input, t, &text.context, &injections)?;
         let prediction = if text.guided {
             apply_guidance(&prediction, guidance)?
         } else {

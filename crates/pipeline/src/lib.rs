@@ -1,8 +1,12 @@
 //! Recipes, plans and the denoising loop: parse, then plan, then run.
 
+pub mod clip_image;
 pub mod error;
 pub mod generate;
+pub mod ip;
+pub mod ip_scale;
 pub mod locate;
+pub mod mask;
 pub mod noise;
 pub mod output;
 pub mod plan;

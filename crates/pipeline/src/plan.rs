@@ -10,9 +10,12 @@ use ipcompose_models::unet::UNetConfig;
 use ipcompose_models::vae::VaeConfig;
 use ipcompose_schedulers::{SchedulerConfig, SchedulerKind};
 
+use crate::clip_image::Fit;
 use crate::error::{PipelineError, Result};
+use crate::ip::{Combine, IpAdapterUse, IpModelPlan, IpSource};
+use crate::ip_scale::resolve_scales;
 use crate::locate::line_of;
-use crate::recipe::{GenerateSpec, Node, Recipe};
+use crate::recipe::{GenerateSpec, IpAdapterSpec, ModelSpec, Node, Recipe};
 use crate::source::resolve_model_source;
 
 /// Which family of base model a folder holds.
@@ -66,6 +69,7 @@ pub struct GenerationPlan {
     pub guidance_rescale: f64,
     pub init: InitialNoise,
     pub clip_skip: usize,
+    pub ip_adapters: Vec<IpAdapterUse>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -84,6 +88,7 @@ pub struct OutputPlan {
 #[derive(Debug, Clone)]
 pub struct Plan {
     pub models: BTreeMap<String, BaseModelPlan>,
+    pub ip_models: BTreeMap<String, IpModelPlan>,
     /// Named input images, resolved to files that exist.
     pub images: BTreeMap<String, PathBuf>,
     pub generations: Vec<GenerationPlan>,
@@ -142,12 +147,17 @@ impl Plan {
             path: recipe_path,
         };
         let mut models = BTreeMap::new();
+        let mut ip_models = BTreeMap::new();
         for (name, spec) in &recipe.models {
+            if is_ip_adapter_kind(&spec.kind) {
+                ip_models.insert(name.clone(), plan_ip_model(&cx, name, spec, base_dir)?);
+                continue;
+            }
             let kind = BaseKind::parse(&spec.kind).ok_or_else(|| {
                 cx.error(
                     &["models", name, "kind"],
                     format!(
-                        "unknown model kind `{}` (supported here: sd15, sd2; ControlNet, T2I-Adapter and IP-Adapter models are not implemented yet)",
+                        "unknown model kind `{}` (supported: sd15, sd2, ip-adapter; ControlNet and T2I-Adapter models are not implemented yet)",
                         spec.kind
                     ),
                 )
@@ -211,7 +221,12 @@ impl Plan {
         for (name, node) in &recipe.nodes {
             match node.operation() {
                 Some(Node::Generate(spec)) => {
-                    generations.push(plan_generate(&cx, name, spec, &models, base_dir)?);
+                    let known = Known {
+                        models: &models,
+                        ip_models: &ip_models,
+                        images: &images,
+                    };
+                    generations.push(plan_generate(&cx, name, spec, &known, base_dir)?);
                 }
                 None => {
                     return Err(cx.error(
@@ -272,6 +287,7 @@ impl Plan {
         }
         Ok(Self {
             models,
+            ip_models,
             images,
             generations,
             outputs,
@@ -283,13 +299,239 @@ impl Plan {
     }
 }
 
+/// What a node may refer to.
+struct Known<'a> {
+    models: &'a BTreeMap<String, BaseModelPlan>,
+    ip_models: &'a BTreeMap<String, IpModelPlan>,
+    images: &'a BTreeMap<String, PathBuf>,
+}
+
+fn is_ip_adapter_kind(kind: &str) -> bool {
+    matches!(
+        kind.to_ascii_lowercase().as_str(),
+        "ip-adapter" | "ip_adapter" | "ipadapter"
+    )
+}
+
+fn plan_ip_model(
+    cx: &Context,
+    name: &str,
+    spec: &ModelSpec,
+    base_dir: &Path,
+) -> Result<IpModelPlan> {
+    let file = base_dir.join(&spec.source);
+    if !file.is_file() {
+        return Err(cx.error(
+            &["models", name, "source"],
+            format!("IP-Adapter file `{}` not found", file.display()),
+        ));
+    }
+    let info = ipcompose_models::ip_adapter::inspect(&file)
+        .map_err(|e| cx.error(&["models", name, "source"], e))?;
+    let image_encoder = match &spec.image_encoder {
+        None => None,
+        Some(dir) => {
+            let dir = base_dir.join(dir);
+            let config = ipcompose_models::clip_vision::ClipVisionConfig::from_file(
+                &dir.join("config.json"),
+            )
+            .map_err(|e| cx.error(&["models", name, "image_encoder"], e))?;
+            let expected = if info.projection.uses_penultimate() {
+                config.hidden_size
+            } else {
+                config.projection_dim
+            };
+            if expected != info.image_feature_width {
+                return Err(cx.error(
+                    &["models", name, "image_encoder"],
+                    format!(
+                        "the {} adapter expects image features of width {}, but this encoder gives {expected} (wrong image encoder: e.g. ViT-H vs ViT-bigG)",
+                        info.projection.name(),
+                        info.image_feature_width
+                    ),
+                ));
+            }
+            Some((dir, config))
+        }
+    };
+    Ok(IpModelPlan {
+        file,
+        info,
+        image_encoder,
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn plan_ip_use(
+    cx: &Context,
+    node: &str,
+    index: usize,
+    spec: &IpAdapterSpec,
+    known: &Known,
+    base: &BaseModelPlan,
+    base_dir: &Path,
+) -> Result<IpAdapterUse> {
+    let i = index.to_string();
+    let at = |k: &'static str| ["nodes", node, "generate", "ip_adapters", k];
+    let ip_names: Vec<String> = known.ip_models.keys().cloned().collect();
+    let model = known.ip_models.get(&spec.model).ok_or_else(|| {
+        cx.error(
+            &at("model"),
+            format!(
+                "ip_adapters[{i}]: unknown IP-Adapter model `{}`{}",
+                spec.model,
+                did_you_mean(&spec.model, &ip_names)
+            ),
+        )
+    })?;
+    let layout = base.unet.cross_attention_layout();
+    let info = &model.info;
+    if info.cross_attention_dim != base.unet.cross_attention_dim
+        || info.layer_channels.len() != layout.len()
+    {
+        return Err(cx.error(
+            &at("model"),
+            format!(
+                "IP-Adapter `{}` was made for a base with cross_attention_dim {} and {} cross-attention layers; the base model `{}` has {} and {}",
+                spec.model,
+                info.cross_attention_dim,
+                info.layer_channels.len(),
+                base.name,
+                base.unet.cross_attention_dim,
+                layout.len()
+            ),
+        ));
+    }
+    if let Some((l, layer)) = layout
+        .iter()
+        .enumerate()
+        .find(|(l, layer)| info.layer_channels[*l] != layer.channels)
+    {
+        return Err(cx.error(
+            &at("model"),
+            format!(
+                "IP-Adapter `{}` layer {} has width {}, but the base's {} has {}",
+                spec.model,
+                2 * l + 1,
+                info.layer_channels[l],
+                layer.name(),
+                layer.channels
+            ),
+        ));
+    }
+    let image_names: Vec<String> = known.images.keys().cloned().collect();
+    let image = |key: &'static str, name: &String| -> Result<PathBuf> {
+        known.images.get(name).cloned().ok_or_else(|| {
+            cx.error(
+                &at(key),
+                format!("unknown image `{name}`{}", did_you_mean(name, &image_names)),
+            )
+        })
+    };
+    let mut images: Vec<PathBuf> = Vec::new();
+    if let Some(name) = &spec.image {
+        images.push(image("image", name)?);
+    }
+    for name in &spec.images {
+        images.push(image("images", name)?);
+    }
+    let source = match (&spec.embeds, images.is_empty()) {
+        (Some(_), false) => {
+            return Err(cx.error(
+                &at("embeds"),
+                "give either `embeds` or `image`/`images`, not both",
+            ));
+        }
+        (None, true) => {
+            return Err(cx.error(
+                &at("model"),
+                format!("ip_adapters[{i}] needs `image`, `images` or `embeds`"),
+            ));
+        }
+        (Some(file), true) => {
+            let path = base_dir.join(file);
+            if !path.is_file() {
+                return Err(cx.error(
+                    &at("embeds"),
+                    format!("embeddings file `{}` not found", path.display()),
+                ));
+            }
+            IpSource::Embeddings(path)
+        }
+        (None, false) => {
+            if model.image_encoder.is_none() {
+                return Err(cx.error(
+                    &at("model"),
+                    format!(
+                        "IP-Adapter model `{}` has no `image_encoder`, which reference images need",
+                        spec.model
+                    ),
+                ));
+            }
+            let combine = match spec.combine.as_deref() {
+                None | Some("concat") => Combine::Concat,
+                Some("average") => Combine::Average,
+                Some(other) => {
+                    return Err(cx.error(
+                        &at("combine"),
+                        format!("unknown combine `{other}` (valid: concat, average)"),
+                    ));
+                }
+            };
+            let fit: Fit = match &spec.fit {
+                None => Fit::Crop,
+                Some(f) => f.parse().map_err(|e: String| cx.error(&at("fit"), e))?,
+            };
+            let negative_image = match &spec.negative_image {
+                Some(name) => Some(image("negative_image", name)?),
+                None => None,
+            };
+            IpSource::Images {
+                images,
+                negative_image,
+                combine,
+                fit,
+            }
+        }
+    };
+    let scale_spec = spec
+        .scale
+        .clone()
+        .unwrap_or(crate::ip_scale::ScaleSpec::Uniform(1.0));
+    let layer_scales =
+        resolve_scales(&scale_spec, &layout).map_err(|e| cx.error(&at("scale"), e))?;
+    let (start, end) = (spec.start.unwrap_or(0.0), spec.end.unwrap_or(1.0));
+    if !(0.0..=1.0).contains(&start) || !(0.0..=1.0).contains(&end) || start >= end {
+        return Err(cx.error(
+            &at("start"),
+            format!("start {start} and end {end} must be fractions of the steps with start < end"),
+        ));
+    }
+    let mut masks = Vec::new();
+    if let Some(name) = &spec.mask {
+        masks.push(image("mask", name)?);
+    }
+    for name in &spec.masks {
+        masks.push(image("masks", name)?);
+    }
+    Ok(IpAdapterUse {
+        model: spec.model.clone(),
+        source,
+        layer_scales,
+        start,
+        end,
+        masks,
+    })
+}
+
 fn plan_generate(
     cx: &Context,
     name: &str,
     spec: &GenerateSpec,
-    models: &BTreeMap<String, BaseModelPlan>,
+    known: &Known,
     base_dir: &Path,
 ) -> Result<GenerationPlan> {
+    let models = known.models;
     let key = |k: &'static str| ["nodes", name, "generate", k];
     let model_names: Vec<String> = models.keys().cloned().collect();
     let base = models.get(&spec.base).ok_or_else(|| {
@@ -367,8 +609,15 @@ fn plan_generate(
             ),
         ));
     }
+    let ip_adapters = spec
+        .ip_adapters
+        .iter()
+        .enumerate()
+        .map(|(i, ip)| plan_ip_use(cx, name, i, ip, known, base, base_dir))
+        .collect::<Result<Vec<_>>>()?;
     Ok(GenerationPlan {
         node: name.to_string(),
+        ip_adapters,
         base: spec.base.clone(),
         prompt: spec.prompt.clone(),
         negative_prompt: spec.negative_prompt.clone(),

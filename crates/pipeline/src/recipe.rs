@@ -35,6 +35,9 @@ pub struct ModelSpec {
     /// Weight file variant, e.g. `fp16` for `*.fp16.safetensors`.
     #[serde(default)]
     pub variant: Option<String>,
+    /// IP-Adapters: the CLIP image encoder folder (e.g. h94/IP-Adapter `models/image_encoder`).
+    #[serde(default)]
+    pub image_encoder: Option<String>,
 }
 
 /// A node is a map with exactly one key naming what it does (`generate: {...}`).
@@ -82,6 +85,48 @@ pub struct GenerateSpec {
     pub latents: Option<String>,
     #[serde(default)]
     pub clip_skip: usize,
+    /// Image prompts, any number, each with its own images and settings.
+    #[serde(default)]
+    pub ip_adapters: Vec<IpAdapterSpec>,
+}
+
+/// One IP-Adapter in a `generate` node.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IpAdapterSpec {
+    /// A model of `kind: ip-adapter`.
+    pub model: String,
+    /// One reference image (a name from `images:`) ...
+    #[serde(default)]
+    pub image: Option<String>,
+    /// ... or several.
+    #[serde(default)]
+    pub images: Vec<String>,
+    /// Or precomputed tokens from `ipcompose embed` (no image encoder is loaded).
+    #[serde(default)]
+    pub embeds: Option<String>,
+    /// An image whose tokens replace the default negative (unconditional) tokens.
+    #[serde(default)]
+    pub negative_image: Option<String>,
+    /// `concat` (default, as diffusers) or `average` for several images.
+    #[serde(default)]
+    pub combine: Option<String>,
+    /// A number, `style`, `style-and-layout`, or `{down: {block_N: v | [v…]}, mid: v, up: …}`.
+    #[serde(default)]
+    pub scale: Option<crate::ip_scale::ScaleSpec>,
+    #[serde(default)]
+    pub start: Option<f64>,
+    #[serde(default)]
+    pub end: Option<f64>,
+    /// Regional prompt: a mask image name (white = where this adapter acts) ...
+    #[serde(default)]
+    pub mask: Option<String>,
+    /// ... or one per image.
+    #[serde(default)]
+    pub masks: Vec<String>,
+    /// How non-square references become square: `crop` (default), `pad`, `squash`.
+    #[serde(default)]
+    pub fit: Option<String>,
 }
 
 fn default_steps() -> usize {

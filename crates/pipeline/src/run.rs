@@ -5,9 +5,14 @@ use std::collections::BTreeMap;
 use candle_core::{DType, Device};
 
 use crate::error::{PipelineError, Result};
-use crate::generate::{BaseModel, Generated, Progress};
+use crate::generate::{BaseModel, Conditions, Generated, Progress};
+use crate::ip::{image_tokens, prepare, read_embeddings, IpSource};
 use crate::output::{save_latents, save_png};
+use crate::plan::GenerationPlan;
 use crate::plan::{OutputKind, Plan};
+use ipcompose_models::clip_vision::{load_image_encoder, ClipVisionModel};
+use ipcompose_models::ip_adapter::IpAdapter;
+use std::path::PathBuf;
 
 #[derive(Debug, Clone)]
 pub struct RunOptions {
@@ -42,6 +47,7 @@ pub fn run_plan(
         }
     }
     let mut loaded: BTreeMap<&str, BaseModel> = BTreeMap::new();
+    let mut adapters = AdapterCache::default();
     let mut results: BTreeMap<&str, Generated> = BTreeMap::new();
     for generation in &plan.generations {
         if !plan.outputs.iter().any(|o| o.node == generation.node) {
@@ -57,7 +63,10 @@ pub fn run_plan(
             );
         }
         let model = &loaded[generation.base.as_str()];
-        let generated = model.generate(generation, &mut |p| progress(&generation.node, p))?;
+        let conditions = prepare_conditions(plan, generation, model, &mut adapters, options)?;
+        let generated = model.generate(generation, &conditions, &mut |p| {
+            progress(&generation.node, p)
+        })?;
         results.insert(generation.node.as_str(), generated);
     }
     let mut written = Vec::new();
@@ -75,4 +84,77 @@ pub fn run_plan(
         written.push(output.path.clone());
     }
     Ok(written)
+}
+
+/// Adapter weights and image encoders, each loaded once per run however many nodes use them.
+#[derive(Default)]
+struct AdapterCache {
+    ip_adapters: BTreeMap<String, IpAdapter>,
+    encoders: BTreeMap<PathBuf, ClipVisionModel>,
+}
+
+fn prepare_conditions(
+    plan: &Plan,
+    generation: &GenerationPlan,
+    model: &BaseModel,
+    cache: &mut AdapterCache,
+    options: &RunOptions,
+) -> Result<Conditions> {
+    let base = plan
+        .models
+        .get(&generation.base)
+        .ok_or_else(|| PipelineError::Plan(format!("unknown model `{}`", generation.base)))?;
+    let layout = base.unet.cross_attention_layout();
+    let guided = generation.guidance > 1.0;
+    let latent_size = model.latent_size(generation.width, generation.height);
+    let mut conditions = Conditions::default();
+    for ip in &generation.ip_adapters {
+        let model_plan = plan.ip_models.get(&ip.model).ok_or_else(|| {
+            PipelineError::Plan(format!("unknown IP-Adapter model `{}`", ip.model))
+        })?;
+        if !cache.ip_adapters.contains_key(&ip.model) {
+            let adapter = IpAdapter::load(&model_plan.file, DType::F32, &options.device)?;
+            cache.ip_adapters.insert(ip.model.clone(), adapter);
+        }
+        let adapter = &cache.ip_adapters[&ip.model];
+        let tokens = match &ip.source {
+            IpSource::Embeddings(path) => {
+                read_embeddings(path, model_plan.info.cross_attention_dim, &options.device)?
+            }
+            IpSource::Images {
+                images,
+                negative_image,
+                combine,
+                fit,
+            } => {
+                let (dir, _) = model_plan.image_encoder.as_ref().ok_or_else(|| {
+                    PipelineError::Plan(format!("IP-Adapter `{}` has no image encoder", ip.model))
+                })?;
+                if !cache.encoders.contains_key(dir) {
+                    let encoder = load_image_encoder(dir, DType::F32, &options.device)?;
+                    cache.encoders.insert(dir.clone(), encoder);
+                }
+                image_tokens(
+                    adapter,
+                    &cache.encoders[dir],
+                    images,
+                    negative_image.as_deref(),
+                    *combine,
+                    *fit,
+                    &options.device,
+                )?
+            }
+        };
+        conditions.ip_adapters.push(prepare(
+            adapter,
+            tokens,
+            ip,
+            &layout,
+            latent_size,
+            (generation.width, generation.height),
+            guided,
+            options.dtype,
+        )?);
+    }
+    Ok(conditions)
 }

@@ -121,6 +121,42 @@ pub enum UpBlockKind {
     Plain,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UNetPart {
+    Down,
+    Up,
+    Mid,
+}
+
+/// Where one cross-attention layer sits (diffusers' `{part}_blocks.{block}.attentions.{attention}
+/// .transformer_blocks.{transformer}.attn2`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CrossAttentionLayer {
+    pub part: UNetPart,
+    pub block: usize,
+    pub attention: usize,
+    pub transformer: usize,
+    /// Query width of the layer.
+    pub channels: usize,
+    /// How many times the latent has been downsampled at this layer.
+    pub level: usize,
+}
+
+impl CrossAttentionLayer {
+    /// diffusers' module name, e.g. `up_blocks.1.attentions.2.transformer_blocks.0.attn2`.
+    pub fn name(&self) -> String {
+        let prefix = match self.part {
+            UNetPart::Down => format!("down_blocks.{}", self.block),
+            UNetPart::Up => format!("up_blocks.{}", self.block),
+            UNetPart::Mid => "mid_block".to_string(),
+        };
+        format!(
+            "{prefix}.attentions.{}.transformer_blocks.{}.attn2",
+            self.attention, self.transformer
+        )
+    }
+}
+
 /// A resolved UNet configuration: every per-block value expanded.
 #[derive(Debug, Clone)]
 pub struct UNetConfig {
@@ -352,36 +388,71 @@ impl UNetConfig {
         channels
     }
 
-    /// Cross-attention layers in the down blocks.
-    pub fn down_cross_attention_layers(&self) -> usize {
-        self.down_blocks
-            .iter()
-            .enumerate()
-            .filter(|(_, k)| **k == DownBlockKind::CrossAttn)
-            .map(|(i, _)| self.layers_per_block[i] * self.transformer_layers_per_block[i])
-            .sum()
-    }
-
-    /// Cross-attention layers in the up blocks (which have one more layer per block).
-    pub fn up_cross_attention_layers(&self) -> usize {
+    /// Every cross-attention layer in diffusers' `attn_processors` order (down, up, mid): the
+    /// order IP-Adapter weights (`ip_adapter.{2i+1}`) and per-layer scales follow.
+    pub fn cross_attention_layout(&self) -> Vec<CrossAttentionLayer> {
         let n = self.block_out_channels.len();
-        self.up_blocks
-            .iter()
-            .enumerate()
-            .filter(|(_, k)| **k == UpBlockKind::CrossAttn)
-            .map(|(i, _)| {
-                (self.layers_per_block[n - 1 - i] + 1)
-                    * self.transformer_layers_per_block[n - 1 - i]
-            })
-            .sum()
+        let mut layers = Vec::new();
+        let mut push = |part: UNetPart,
+                        block: usize,
+                        attentions: usize,
+                        depth: usize,
+                        channels: usize,
+                        level: usize| {
+            for attention in 0..attentions {
+                for transformer in 0..depth {
+                    layers.push(CrossAttentionLayer {
+                        part,
+                        block,
+                        attention,
+                        transformer,
+                        channels,
+                        level,
+                    });
+                }
+            }
+        };
+        for (i, kind) in self.down_blocks.iter().enumerate() {
+            if *kind == DownBlockKind::CrossAttn {
+                let depth = self.transformer_layers_per_block[i];
+                push(
+                    UNetPart::Down,
+                    i,
+                    self.layers_per_block[i],
+                    depth,
+                    self.block_out_channels[i],
+                    i,
+                );
+            }
+        }
+        for (i, kind) in self.up_blocks.iter().enumerate() {
+            if *kind == UpBlockKind::CrossAttn {
+                let level = n - 1 - i;
+                let depth = self.transformer_layers_per_block[level];
+                push(
+                    UNetPart::Up,
+                    i,
+                    self.layers_per_block[level] + 1,
+                    depth,
+                    self.block_out_channels[level],
+                    level,
+                );
+            }
+        }
+        push(
+            UNetPart::Mid,
+            0,
+            1,
+            self.transformer_layers_per_block[n - 1],
+            self.block_out_channels[n - 1],
+            n - 1,
+        );
+        layers
     }
 
     /// The number of cross-attention layers, i.e. the number of IP-Adapter key/value slots.
     pub fn cross_attention_layers(&self) -> usize {
-        let n = self.block_out_channels.len();
-        self.down_cross_attention_layers()
-            + self.up_cross_attention_layers()
-            + self.transformer_layers_per_block[n - 1]
+        self.cross_attention_layout().len()
     }
 }
 

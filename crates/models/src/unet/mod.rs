@@ -11,7 +11,7 @@ pub(crate) mod encoder;
 pub(crate) mod layers;
 
 pub use attention::{multi_head_attention, IpKeyValue};
-pub use config::{DownBlockKind, UNetConfig, UpBlockKind};
+pub use config::{CrossAttentionLayer, DownBlockKind, UNetConfig, UNetPart, UpBlockKind};
 
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{conv2d, group_norm, Conv2d, Conv2dConfig, GroupNorm, VarBuilder};
@@ -61,8 +61,9 @@ impl UNet2DConditionModel {
             ..Default::default()
         };
         // IP layer numbering follows diffusers' attn_processors walk: down, then up, then mid.
-        let mut next_layer = cfg.down_cross_attention_layers();
-        let mid_first_layer = next_layer + cfg.up_cross_attention_layers();
+        let layout = cfg.cross_attention_layout();
+        let mut next_layer = layout.iter().filter(|l| l.part == UNetPart::Down).count();
+        let mid_first_layer = layout.iter().filter(|l| l.part != UNetPart::Mid).count();
         let encoder = Encoder::new(&vb, cfg, mid_first_layer)?;
         let mut up_blocks = Vec::with_capacity(n);
         let rev = |v: &Vec<usize>, i: usize| v[n - 1 - i];
