@@ -20,13 +20,20 @@ fn adapter(name: &str) -> IpAdapter {
 fn image_encoder_matches_transformers() {
     let r = reference("ip_encoder.safetensors");
     for folder in ["image_encoder", "image_encoder_bin"] {
-        let encoder = load_image_encoder(&fixtures().join("ip-adapter").join(folder), DType::F32, &Device::Cpu)
-            .unwrap();
+        let encoder = load_image_encoder(
+            &fixtures().join("ip-adapter").join(folder),
+            DType::F32,
+            &Device::Cpu,
+        )
+        .unwrap();
         let out = encoder.forward(get(&r, "pixel_values")).unwrap();
         let d_embeds = max_abs_diff(&out.image_embeds, get(&r, "image_embeds"));
         let d_hidden = max_abs_diff(&out.penultimate, get(&r, "penultimate"));
         eprintln!("{folder}: image_embeds {d_embeds:.2e}, penultimate {d_hidden:.2e}");
-        assert!(d_embeds < 1e-4 && d_hidden < 1e-4, "{folder}: {d_embeds} / {d_hidden}");
+        assert!(
+            d_embeds < 1e-4 && d_hidden < 1e-4,
+            "{folder}: {d_embeds} / {d_hidden}"
+        );
         let zeros = get(&r, "pixel_values").zeros_like().unwrap();
         let uncond = encoder.forward(&zeros).unwrap();
         let d_uncond = max_abs_diff(&uncond.penultimate, get(&r, "uncond_penultimate"));
@@ -39,9 +46,21 @@ fn every_projection_matches_diffusers() {
     let enc = reference("ip_encoder.safetensors");
     let r = reference("ip_proj.safetensors");
     let cases = [
-        ("ip-adapter_tiny.safetensors", "plain", get(&enc, "image_embeds").clone()),
-        ("ip-adapter-plus_tiny.safetensors", "plus", get(&enc, "penultimate").clone()),
-        ("ip-adapter-full-face_tiny.safetensors", "faceful", get(&enc, "penultimate").clone()),
+        (
+            "ip-adapter_tiny.safetensors",
+            "plain",
+            get(&enc, "image_embeds").clone(),
+        ),
+        (
+            "ip-adapter-plus_tiny.safetensors",
+            "plus",
+            get(&enc, "penultimate").clone(),
+        ),
+        (
+            "ip-adapter-full-face_tiny.safetensors",
+            "faceful",
+            get(&enc, "penultimate").clone(),
+        ),
     ];
     for (file, key, features) in cases {
         let a = adapter(file);
@@ -69,27 +88,48 @@ fn variants_are_detected_from_tensors() {
     assert_eq!(plain.cross_attention_dim, 32);
     assert_eq!(plain.layer_channels.len(), 16);
     assert!(matches!(
-        inspect(&dir.join("ip-adapter-plus_tiny.safetensors")).unwrap().projection,
-        ProjectionKind::Resampler { tokens: 16, depth: 4, .. }
+        inspect(&dir.join("ip-adapter-plus_tiny.safetensors"))
+            .unwrap()
+            .projection,
+        ProjectionKind::Resampler {
+            tokens: 16,
+            depth: 4,
+            ..
+        }
     ));
     assert_eq!(
-        inspect(&dir.join("ip-adapter-full-face_tiny.safetensors")).unwrap().projection,
+        inspect(&dir.join("ip-adapter-full-face_tiny.safetensors"))
+            .unwrap()
+            .projection,
         ProjectionKind::FullFace
     );
-    let err = inspect(&dir.join("ip-adapter-faceid_tiny.safetensors")).unwrap_err().to_string();
-    assert!(err.contains("FaceID") && err.contains("not supported"), "{err}");
+    let err = inspect(&dir.join("ip-adapter-faceid_tiny.safetensors"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("FaceID") && err.contains("not supported"),
+        "{err}"
+    );
 }
 
 #[test]
 fn bin_and_training_export_equal_safetensors() {
     let enc = reference("ip_encoder.safetensors");
     let embeds = get(&enc, "image_embeds");
-    let reference_tokens = adapter("ip-adapter_tiny.safetensors").image_tokens(embeds).unwrap();
+    let reference_tokens = adapter("ip-adapter_tiny.safetensors")
+        .image_tokens(embeds)
+        .unwrap();
     for file in ["ip-adapter_tiny.bin", "ip-adapter_tiny_training_export.bin"] {
         let a = adapter(file);
-        assert_eq!(max_abs_diff(&a.image_tokens(embeds).unwrap(), &reference_tokens), 0.0, "{file}");
+        assert_eq!(
+            max_abs_diff(&a.image_tokens(embeds).unwrap(), &reference_tokens),
+            0.0,
+            "{file}"
+        );
         let kv = a.layer_key_values(&reference_tokens).unwrap();
-        let kv_ref = adapter("ip-adapter_tiny.safetensors").layer_key_values(&reference_tokens).unwrap();
+        let kv_ref = adapter("ip-adapter_tiny.safetensors")
+            .layer_key_values(&reference_tokens)
+            .unwrap();
         for ((k, v), (k2, v2)) in kv.iter().zip(&kv_ref) {
             assert_eq!(max_abs_diff(k, k2), 0.0);
             assert_eq!(max_abs_diff(v, v2), 0.0);
@@ -99,10 +139,19 @@ fn bin_and_training_export_equal_safetensors() {
 
 #[test]
 fn unet_forward_with_decoupled_attention_matches_diffusers() {
-    let model = BaseModel::from_folder(&fixtures().join("tiny-sd15"), &Device::Cpu, DType::F32).unwrap();
+    let model =
+        BaseModel::from_folder(&fixtures().join("tiny-sd15"), &Device::Cpu, DType::F32).unwrap();
     let r = reference("ip_unet_step.safetensors");
-    let scale = get(&r, "scale").to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap();
-    let t = get(&r, "timestep").to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap();
+    let scale = get(&r, "scale")
+        .to_dtype(DType::F64)
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap();
+    let t = get(&r, "timestep")
+        .to_dtype(DType::F64)
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap();
     let a = adapter("ip-adapter_tiny.safetensors");
     let embeds = get(&r, "image_embeds").squeeze(1).unwrap();
     let tokens = a.image_tokens(&embeds).unwrap();
@@ -129,8 +178,14 @@ fn unet_forward_with_decoupled_attention_matches_diffusers() {
     let diff = max_abs_diff(&out, get(&r, "out"));
     eprintln!("UNet with IP-Adapter: max abs diff {diff:.2e}");
     assert!(diff < 1e-4, "UNet+IP output differs by {diff}");
-    let plain = model.unet.forward(sample, t, context, &Injections::default()).unwrap();
+    let plain = model
+        .unet
+        .forward(sample, t, context, &Injections::default())
+        .unwrap();
     assert!(max_abs_diff(&plain, get(&r, "out_plain")) < 1e-4);
     let effect = max_abs_diff(&out, &plain);
-    assert!(effect > 10.0 * diff && effect > 1e-3 * max_abs(&plain), "adapter has no visible effect: {effect}");
+    assert!(
+        effect > 10.0 * diff && effect > 1e-3 * max_abs(&plain),
+        "adapter has no visible effect: {effect}"
+    );
 }

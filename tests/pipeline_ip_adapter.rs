@@ -225,3 +225,150 @@ fn non_square_reference_is_cropped_like_diffusers() {
         "        - {model: ipa, image: ref_wide, scale: 0.6}",
     );
 }
+
+#[test]
+fn embed_command_tokens_reproduce_the_image_run() {
+    let dir = scratch("ipa-embed");
+    let out = dir.join("ref_a.safetensors");
+    let debug = dir.join("seen");
+    let status = std::process::Command::new(env!("CARGO_BIN_EXE_ipcompose"))
+        .args(["embed", "--adapter"])
+        .arg(fixtures().join("ip-adapter").join(PLAIN))
+        .arg("--image-encoder")
+        .arg(fixtures().join("ip-adapter/image_encoder"))
+        .arg("--out")
+        .arg(&out)
+        .arg("--debug-input")
+        .arg(&debug)
+        .arg(fixtures().join("ip-adapter/inputs/ref_a.png"))
+        .output()
+        .unwrap();
+    assert!(
+        status.status.success(),
+        "{}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+    let seen = image::open(debug.join("ref_a.png")).unwrap();
+    assert_eq!((seen.width(), seen.height()), (224, 224));
+    let models = format!(
+        "  ipa: {{kind: ip-adapter, source: {}}}",
+        fx(&format!("ip-adapter/{PLAIN}"))
+    );
+    // No image encoder declared: the tokens come from the file.
+    run_case(
+        "plain",
+        &models,
+        &images(),
+        &format!(
+            "        - {{model: ipa, embeds: {}, scale: 0.6}}",
+            out.display()
+        ),
+    );
+}
+
+#[test]
+fn adapter_for_another_base_is_refused_before_loading() {
+    let dir = scratch("ipa-wrong-base");
+    let text = format!(
+        "version: 1\nmodels:\n  base: {{kind: sd2, source: {}}}\n{}\nimages:\n{}\nnodes:\n  gen:\n    generate:\n      base: base\n      prompt: x\n      ip_adapters:\n        - {{model: ipa, image: ref_a}}\n",
+        fx("tiny-sd2"),
+        adapter_model("ipa", PLAIN),
+        images()
+    );
+    let path = dir.join("recipe.yaml");
+    let recipe = Recipe::parse(&text, &path).unwrap();
+    let err = Plan::build(&recipe, &text, &path, &dir)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("cross_attention_dim 32") && err.contains("has 48"),
+        "{err}"
+    );
+    assert!(
+        err.contains("recipe.yaml:"),
+        "error should carry the line: {err}"
+    );
+}
+
+#[test]
+fn pad_and_squash_keep_the_whole_reference() {
+    let image = load_rgb(&fixtures().join("ip-adapter/inputs/ref_wide.png")).unwrap();
+    let padded = fit_image(&image, 224, Fit::Pad);
+    assert_eq!(padded.dimensions(), (224, 224));
+    // 320x200 letterboxed to 320x320: 60 black rows above and below, 42 at 224.
+    assert!(padded.rows().next().unwrap().all(|p| p.0 == [0, 0, 0]));
+    assert!(padded.get_pixel(112, 112).0 != [0, 0, 0]);
+    assert!(padded.get_pixel(112, 40).0 == [0, 0, 0] && padded.get_pixel(112, 44).0 != [0, 0, 0]);
+    let squashed = fit_image(&image, 224, Fit::Squash);
+    assert_eq!(squashed.dimensions(), (224, 224));
+    assert!(squashed.rows().next().unwrap().any(|p| p.0 != [0, 0, 0]));
+    // Crop and squash see different content on a wide image.
+    let cropped = fit_image(&image, 224, Fit::Crop);
+    assert_ne!(cropped.as_raw(), squashed.as_raw());
+}
+
+#[test]
+fn averaging_identical_images_equals_one_image() {
+    let dev = Device::Cpu;
+    let adapter = ipcompose::models::ip_adapter::IpAdapter::load(
+        &fixtures().join("ip-adapter").join(PLUS),
+        candle_core::DType::F32,
+        &dev,
+    )
+    .unwrap();
+    let encoder = ipcompose::models::clip_vision::load_image_encoder(
+        &fixtures().join("ip-adapter/image_encoder"),
+        candle_core::DType::F32,
+        &dev,
+    )
+    .unwrap();
+    let a = fixtures().join("ip-adapter/inputs/ref_a.png");
+    let b = fixtures().join("ip-adapter/inputs/ref_b.png");
+    use ipcompose::pipeline::ip::{image_tokens, Combine};
+    let one = image_tokens(
+        &adapter,
+        &encoder,
+        std::slice::from_ref(&a),
+        None,
+        Combine::Concat,
+        Fit::Crop,
+        &dev,
+    )
+    .unwrap();
+    let twice = image_tokens(
+        &adapter,
+        &encoder,
+        &[a.clone(), a.clone()],
+        None,
+        Combine::Average,
+        Fit::Crop,
+        &dev,
+    )
+    .unwrap();
+    assert_eq!(twice.len(), 1);
+    assert!(max_abs_diff(&one[0].0, &twice[0].0) < 1e-5);
+    let mixed = image_tokens(
+        &adapter,
+        &encoder,
+        &[a.clone(), b],
+        None,
+        Combine::Average,
+        Fit::Crop,
+        &dev,
+    )
+    .unwrap();
+    assert!(max_abs_diff(&one[0].0, &mixed[0].0) > 1e-3);
+    // An explicit negative image replaces the default negative tokens.
+    let with_negative = image_tokens(
+        &adapter,
+        &encoder,
+        std::slice::from_ref(&a),
+        Some(&a),
+        Combine::Concat,
+        Fit::Crop,
+        &dev,
+    )
+    .unwrap();
+    assert!(max_abs_diff(&with_negative[0].0, &with_negative[0].1) < 1e-5);
+    assert!(max_abs_diff(&one[0].1, &with_negative[0].1) > 1e-3);
+}

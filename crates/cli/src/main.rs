@@ -37,6 +37,111 @@ enum Command {
         /// The recipe file (YAML).
         recipe: PathBuf,
     },
+    /// Write an IP-Adapter's image tokens for reference images to a safetensors file
+    /// (`tokens`, `negative_tokens`), usable as `embeds:` in a recipe.
+    Embed {
+        /// The IP-Adapter file (.safetensors or .bin).
+        #[arg(long)]
+        adapter: PathBuf,
+        /// The CLIP image encoder folder.
+        #[arg(long)]
+        image_encoder: PathBuf,
+        /// Output safetensors file.
+        #[arg(long)]
+        out: PathBuf,
+        /// crop (diffusers), pad (letterbox) or squash.
+        #[arg(long, default_value = "crop")]
+        fit: String,
+        /// concat (one token set per image) or average (one set for all).
+        #[arg(long, default_value = "concat")]
+        combine: String,
+        /// An image for the negative tokens instead of diffusers' default.
+        #[arg(long)]
+        negative_image: Option<PathBuf>,
+        /// Also write the exact square images the encoder saw to this folder.
+        #[arg(long)]
+        debug_input: Option<PathBuf>,
+        /// Reference images.
+        #[arg(required = true)]
+        images: Vec<PathBuf>,
+    },
+}
+
+struct EmbedArgs {
+    adapter: PathBuf,
+    image_encoder: PathBuf,
+    out: PathBuf,
+    fit: String,
+    combine: String,
+    negative_image: Option<PathBuf>,
+    debug_input: Option<PathBuf>,
+    images: Vec<PathBuf>,
+}
+
+fn embed(args: EmbedArgs) -> anyhow::Result<()> {
+    use ipcompose::models::clip_vision::load_image_encoder;
+    use ipcompose::models::ip_adapter::IpAdapter;
+    use ipcompose::pipeline::clip_image::Fit;
+    use ipcompose::pipeline::ip::{encoder_inputs, image_tokens, write_embeddings, Combine};
+
+    let fit: Fit = args.fit.parse().map_err(anyhow::Error::msg)?;
+    let combine = match args.combine.as_str() {
+        "concat" => Combine::Concat,
+        "average" => Combine::Average,
+        other => anyhow::bail!("unknown --combine `{other}` (valid: concat, average)"),
+    };
+    let device = candle_core::Device::Cpu;
+    let adapter = IpAdapter::load(&args.adapter, candle_core::DType::F32, &device)?;
+    let encoder = load_image_encoder(&args.image_encoder, candle_core::DType::F32, &device)?;
+    let expected = if adapter.info().projection.uses_penultimate() {
+        encoder.config().hidden_size
+    } else {
+        encoder.config().projection_dim
+    };
+    if expected != adapter.info().image_feature_width {
+        anyhow::bail!(
+            "{}: the {} adapter expects image features of width {}, but {} gives {expected}",
+            args.adapter.display(),
+            adapter.info().projection.name(),
+            adapter.info().image_feature_width,
+            args.image_encoder.display()
+        );
+    }
+    if let Some(dir) = &args.debug_input {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let size = encoder.config().image_size as u32;
+        for (path, image) in args
+            .images
+            .iter()
+            .zip(encoder_inputs(&args.images, size, fit)?)
+        {
+            let stem = path
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let target = dir.join(format!("{stem}.png"));
+            image
+                .save(&target)
+                .with_context(|| format!("writing {}", target.display()))?;
+        }
+    }
+    let tokens = image_tokens(
+        &adapter,
+        &encoder,
+        &args.images,
+        args.negative_image.as_deref(),
+        combine,
+        fit,
+        &device,
+    )?;
+    write_embeddings(&args.out, &tokens)?;
+    println!(
+        "wrote {} ({} token set(s) of {:?})",
+        args.out.display(),
+        tokens.len(),
+        tokens[0].0.dims()
+    );
+    Ok(())
 }
 
 fn load_plan(path: &Path) -> anyhow::Result<Plan> {
@@ -58,11 +163,32 @@ fn print_plan(plan: &Plan) {
             model.unet.cross_attention_layers()
         );
     }
+    for (name, ip) in &plan.ip_models {
+        println!(
+            "ip-adapter {name}: {} from {} ({} layers, context {}, image features {})",
+            ip.info.projection.name(),
+            ip.file.display(),
+            ip.info.layer_channels.len(),
+            ip.info.cross_attention_dim,
+            ip.info.image_feature_width
+        );
+    }
     for g in &plan.generations {
         println!(
             "generate {}: {}x{}, {} steps of {:?}, guidance {}, {:?}",
             g.node, g.width, g.height, g.steps, g.scheduler_kind, g.guidance, g.init
         );
+        for ip in &g.ip_adapters {
+            let active: Vec<String> = ip.layer_scales.iter().map(|s| format!("{s}")).collect();
+            println!(
+                "  ip-adapter {}: steps {:.2}..{:.2}, per-layer scales [{}], {} mask(s)",
+                ip.model,
+                ip.start,
+                ip.end,
+                active.join(", "),
+                ip.masks.len()
+            );
+        }
     }
     for o in &plan.outputs {
         println!("output {:?} of {} -> {}", o.kind, o.node, o.path.display());
@@ -110,6 +236,25 @@ fn main() -> ExitCode {
             quiet,
         } => run(&recipe, overwrite, quiet),
         Command::Validate { recipe } => load_plan(&recipe).map(|plan| print_plan(&plan)),
+        Command::Embed {
+            adapter,
+            image_encoder,
+            out,
+            fit,
+            combine,
+            negative_image,
+            debug_input,
+            images,
+        } => embed(EmbedArgs {
+            adapter,
+            image_encoder,
+            out,
+            fit,
+            combine,
+            negative_image,
+            debug_input,
+            images,
+        }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

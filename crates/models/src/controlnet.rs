@@ -273,7 +273,8 @@ const NO_IP: &[Vec<IpKeyValue>] = &[];
 impl ControlNetModel {
     pub fn new(vb: VarBuilder, config: &ControlNetConfig) -> candle_core::Result<Self> {
         let cfg = &config.encoder;
-        let encoder = Encoder::new(&vb, cfg, cfg.down_cross_attention_layers())?;
+        // ControlNets never see image tokens, so the IP layer numbering is irrelevant here.
+        let encoder = Encoder::new(&vb, cfg, 0)?;
         let cond_embedding = ConditioningEmbedding::new(
             vb.pp("controlnet_cond_embedding"),
             config.conditioning_channels,
@@ -341,7 +342,8 @@ impl ControlNetModel {
     }
 
     /// Residuals for the UNet at `timestep`, given the (scaled) latents `sample` `[B, C, h, w]`,
-    /// the text `context` `[B, tokens, D]` and the control image `[B, 3, 8h, 8w]` in [0, 1].
+    /// the text `context` `[B, tokens, D]` and the control image `[B, conditioning_channels,
+    /// 8h, 8w]` in [0, 1] (batch 1 broadcasts).
     ///
     /// As diffusers' `ControlNetModel.forward`: every residual × `conditioning_scale`; in
     /// guess mode the down residuals are weighted 0.1 … 1.0 geometrically (the mid one 1.0),

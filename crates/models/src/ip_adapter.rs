@@ -139,8 +139,16 @@ fn inspect_store(store: &WeightStore, layout: &Layout, path: &Path) -> Result<Ip
     let mut layer_channels = Vec::with_capacity(layer_keys.len());
     let mut cross_attention_dim = 0;
     for key in &layer_keys {
-        let k = shape_of(store, &format!("{}{key}.to_k_ip.weight", layout.layers), path)?;
-        let v = shape_of(store, &format!("{}{key}.to_v_ip.weight", layout.layers), path)?;
+        let k = shape_of(
+            store,
+            &format!("{}{key}.to_k_ip.weight", layout.layers),
+            path,
+        )?;
+        let v = shape_of(
+            store,
+            &format!("{}{key}.to_v_ip.weight", layout.layers),
+            path,
+        )?;
         if k.len() != 2 || k != v {
             return Err(ModelError::Weights(format!(
                 "{}: layer {key}: to_k_ip {k:?} and to_v_ip {v:?} should be equal 2-D shapes",
@@ -172,9 +180,17 @@ fn inspect_store(store: &WeightStore, layout: &Layout, path: &Path) -> Result<Ip
         let w = shape_of(store, &proj("proj.0.weight"), path)?;
         (ProjectionKind::FullFace, w[1])
     } else if has("perceiver_resampler.proj_in.weight") {
-        return Err(unsupported(path, "FaceID-Plus", "it needs an insightface face-recognition embedding in addition to the CLIP image"));
+        return Err(unsupported(
+            path,
+            "FaceID-Plus",
+            "it needs an insightface face-recognition embedding in addition to the CLIP image",
+        ));
     } else if has("norm.weight") {
-        return Err(unsupported(path, "FaceID", "it takes an insightface face-recognition embedding, not a CLIP image"));
+        return Err(unsupported(
+            path,
+            "FaceID",
+            "it takes an insightface face-recognition embedding, not a CLIP image",
+        ));
     } else if has("latents") {
         let latents = shape_of(store, &proj("latents"), path)?;
         let proj_in = shape_of(store, &proj("proj_in.weight"), path)?;
@@ -329,9 +345,12 @@ impl Projection {
                     let v = kv.narrow(2, inner, inner)?.contiguous()?;
                     let attn = multi_head_attention(&q, &k, &v, *heads)?;
                     lat = (layer.to_out.forward(&attn)? + lat)?;
-                    let ff = layer
-                        .ff_down
-                        .forward(&layer.ff_up.forward(&layer.ff_norm.forward(&lat)?)?.gelu_erf()?)?;
+                    let ff = layer.ff_down.forward(
+                        &layer
+                            .ff_up
+                            .forward(&layer.ff_norm.forward(&lat)?)?
+                            .gelu_erf()?,
+                    )?;
                     lat = (ff + lat)?;
                 }
                 norm_out.forward(&proj_out.forward(&lat)?)

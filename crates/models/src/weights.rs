@@ -129,7 +129,10 @@ impl WeightStore {
     /// The stored dtype of a tensor, from the header.
     pub fn dtype(&self, name: &str) -> Option<DType> {
         match &self.container {
-            Container::Safetensors(st) => st.get(name).ok().and_then(|v| DType::try_from(v.dtype()).ok()),
+            Container::Safetensors(st) => st
+                .get(name)
+                .ok()
+                .and_then(|v| DType::try_from(v.dtype()).ok()),
             Container::Pickle(parts) => parts.iter().find_map(|(prefix, p)| {
                 let inner = name.strip_prefix(prefix.as_str())?;
                 p.tensor_infos().get(inner).map(|i| i.dtype)
