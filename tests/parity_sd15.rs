@@ -10,7 +10,7 @@ mod common;
 use candle_core::{DType, Device, Tensor};
 use common::{fixtures, get, max_abs, max_abs_diff, reference};
 use ipcompose::models::unet::Injections;
-use ipcompose::pipeline::generate::{denoise, Conditions, Guidance, TextConditioning};
+use ipcompose::pipeline::generate::{denoise, Conditions, TextConditioning};
 use ipcompose::pipeline::plan::{GenerationPlan, InitialNoise};
 use ipcompose::pipeline::BaseModel;
 use ipcompose::schedulers::{build_scheduler, ReplayNoise, SchedulerConfig, SchedulerKind};
@@ -211,10 +211,6 @@ fn run_case(case: &Case) -> (f32, f32, f32) {
         scheduler.as_mut(),
         get(&r, "init_latents"),
         &text,
-        &Guidance {
-            scale: case.guidance,
-            rescale: 0.0,
-        },
         &Conditions::default(),
         &mut ReplayNoise::new(noise),
         &mut |_| {},

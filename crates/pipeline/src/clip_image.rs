@@ -9,8 +9,8 @@ use image::{imageops::FilterType, DynamicImage, RgbImage};
 
 use crate::error::{PipelineError, Result};
 
-const CLIP_MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
-const CLIP_STD: [f32; 3] = [0.268_629_54, 0.261_302_58, 0.275_777_11];
+const CLIP_MEAN: [f64; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
+const CLIP_STD: [f64; 3] = [0.268_629_54, 0.261_302_58, 0.275_777_11];
 
 /// How a non-square reference image becomes the encoder's square input.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -210,7 +210,8 @@ pub fn normalize(image: &RgbImage, device: &Device) -> Result<Tensor> {
     for (x, y, p) in image.enumerate_pixels() {
         for c in 0..3 {
             let v = (p.0[c] as f64 / 255.0) as f32;
-            data[c * w * h + y as usize * w + x as usize] = (v - CLIP_MEAN[c]) / CLIP_STD[c];
+            data[c * w * h + y as usize * w + x as usize] =
+                (v - CLIP_MEAN[c] as f32) / CLIP_STD[c] as f32;
         }
     }
     Ok(Tensor::from_vec(data, (1, 3, h, w), device)?)

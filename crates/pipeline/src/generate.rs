@@ -81,7 +81,14 @@ impl BaseModel {
         } else {
             cond
         };
-        Ok(TextConditioning { context, guided })
+        Ok(TextConditioning {
+            context,
+            guided,
+            guidance: Guidance {
+                scale: request.guidance,
+                rescale: request.guidance_rescale,
+            },
+        })
     }
 
     /// `(width, height)` of the latent for an output size.
@@ -127,10 +134,6 @@ impl BaseModel {
             scheduler.as_mut(),
             &init.to_dtype(self.dtype)?,
             &conditioning,
-            &Guidance {
-                scale: request.guidance,
-                rescale: request.guidance_rescale,
-            },
             conditions,
             noise.as_mut(),
             progress,
@@ -150,6 +153,7 @@ pub struct TextConditioning {
     /// `[2, tokens, D]` (`[uncond, cond]`) when guided, else `[1, tokens, D]`.
     pub context: Tensor,
     pub guided: bool,
+    pub guidance: Guidance,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -203,7 +207,6 @@ pub fn denoise(
     scheduler: &mut dyn Scheduler,
     init: &Tensor,
     text: &TextConditioning,
-    guidance: &Guidance,
     conditions: &Conditions,
     noise: &mut dyn NoiseSource,
     progress: &mut dyn FnMut(Progress),
@@ -225,7 +228,7 @@ pub fn denoise(
         };
         let prediction = unet.forward(&model_input, t, &text.context, &injections)?;
         let prediction = if text.guided {
-            apply_guidance(&prediction, guidance)?
+            apply_guidance(&prediction, &text.guidance)?
         } else {
             prediction
         };

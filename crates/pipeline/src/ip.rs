@@ -343,6 +343,6 @@ mod tests {
 
     #[test]
     fn odd_latents_round_up_per_level() {
-        assert_eq!(level_tokens(8, 12, 4), vec![96, 24, 4, 1]);
+        assert_eq!(level_tokens(8, 12, 4), vec![96, 24, 6, 2]);
     }
 }

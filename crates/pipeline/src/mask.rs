@@ -46,7 +46,7 @@ impl BinaryMask {
         let ratio = self.width as f64 / self.height as f64;
         let mut mh = (tokens as f64 / ratio).sqrt().floor() as usize;
         mh = mh.max(1);
-        if tokens % mh != 0 {
+        if !tokens.is_multiple_of(mh) {
             mh += 1;
         }
         let mw = (tokens / mh).max(1);
