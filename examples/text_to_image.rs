@@ -44,6 +44,7 @@ fn main() -> anyhow::Result<()> {
             init: InitialNoise::Seed(i as u64),
             clip_skip: 0,
             ip_adapters: Vec::new(),
+            controls: Vec::new(),
         };
         let generated = model.generate(&request, &Default::default(), &mut |p| {
             eprint!("\r{prompt}: {}/{}", p.step, p.total)

@@ -200,6 +200,7 @@ fn run_case(case: &Case) -> (f32, f32, f32) {
         init: InitialNoise::Seed(0),
         clip_skip: 0,
         ip_adapters: Vec::new(),
+        controls: Vec::new(),
     };
     let text: TextConditioning = model.text_conditioning(&request).unwrap();
     let mut scheduler = build_scheduler(kind, &config, case.steps).unwrap();

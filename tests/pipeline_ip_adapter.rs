@@ -4,75 +4,19 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-
 use candle_core::{Device, Tensor};
-use common::{fixtures, get, max_abs, max_abs_diff, reference, scratch};
+use common::{fixtures, fx, get, max_abs_diff, reference, run_generate_case, scratch};
 use ipcompose::pipeline::clip_image::{fit_image, load_rgb, normalize, Fit};
-use ipcompose::pipeline::{plan::Plan, run_plan, Recipe, RunOptions};
+use ipcompose::pipeline::{plan::Plan, Recipe};
 
-/// Latent tolerance: DDIM, 4 steps, CFG 7.5 on the tiny model (see parity_sd15.rs).
-const TOLERANCE: f32 = 5e-4;
-
-fn fx(path: &str) -> String {
-    fixtures().join(path).display().to_string()
-}
-
-/// Runs `ip_adapters_yaml` (the body of `ip_adapters:`) with the case's initial latents and
-/// returns the final latents.
+/// Runs the case with `ip_adapters_yaml` as the body of `ip_adapters:`.
 fn run_case(case: &str, models_yaml: &str, images_yaml: &str, ip_adapters_yaml: &str) -> Tensor {
-    let r = reference(&format!("ipa_{case}.safetensors"));
-    let dir = scratch(&format!("ipa-{case}"));
-    let init = dir.join("init.safetensors");
-    candle_core::safetensors::save(
-        &std::collections::HashMap::from([("latents", get(&r, "init_latents").clone())]),
-        &init,
+    run_generate_case(
+        &format!("ipa_{case}"),
+        models_yaml,
+        images_yaml,
+        &format!("      ip_adapters:\n{ip_adapters_yaml}"),
     )
-    .unwrap();
-    let recipe = format!(
-        r#"version: 1
-models:
-  base: {{kind: sd15, source: {base}}}
-{models_yaml}
-images:
-{images_yaml}
-nodes:
-  gen:
-    generate:
-      base: base
-      prompt: "a cozy house at dusk"
-      negative_prompt: "lowres, blurry"
-      size: [128, 128]
-      steps: 4
-      scheduler: {{kind: ddim}}
-      guidance: 7.5
-      latents: init.safetensors
-      ip_adapters:
-{ip_adapters_yaml}
-outputs:
-  - {{latents: gen, path: out.safetensors}}
-"#,
-        base = fx("tiny-sd15"),
-    );
-    let path = dir.join("recipe.yaml");
-    std::fs::write(&path, &recipe).unwrap();
-    let out = run(&path, &recipe, &dir);
-    let latents = candle_core::safetensors::load(out, &Device::Cpu).unwrap()["latents"].clone();
-    let diff = max_abs_diff(&latents, get(&r, "final_latents"));
-    eprintln!(
-        "{case}: final latents max abs diff {diff:.2e} (max |x| {:.1})",
-        max_abs(&latents)
-    );
-    assert!(diff < TOLERANCE, "{case}: final latents differ by {diff}");
-    latents
-}
-
-fn run(path: &Path, text: &str, dir: &Path) -> PathBuf {
-    let recipe = Recipe::parse(text, path).unwrap();
-    let plan = Plan::build(&recipe, text, path, dir).unwrap_or_else(|e| panic!("{e}"));
-    let written =
-        run_plan(&plan, &RunOptions::default(), &mut |_, _| {}).unwrap_or_else(|e| panic!("{e}"));
-    written[0].clone()
 }
 
 fn adapter_model(name: &str, file: &str) -> String {

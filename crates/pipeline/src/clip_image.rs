@@ -5,7 +5,9 @@
 use std::path::Path;
 
 use candle_core::{Device, Tensor};
-use image::{imageops::FilterType, DynamicImage, RgbImage};
+use image::{DynamicImage, RgbImage};
+
+use crate::resample::{resize_rgb, Resampler};
 
 use crate::error::{PipelineError, Result};
 
@@ -58,117 +60,10 @@ fn flatten_alpha_on_white(image: DynamicImage) -> RgbImage {
     })
 }
 
-/// Antialiased bicubic resize as transformers' CLIP processor does it with its torchvision
-/// backend: torch's 8-bit path (a = −0.5, weights in 16-bit fixed point, a horizontal pass
-/// rounded to 8 bits, then a vertical pass). Matches torchvision exactly on the fixtures.
+/// transformers' CLIP processor resizes with its torchvision backend when torchvision is
+/// installed (the usual case): torch's antialiased bicubic on 8-bit images.
 fn resize(image: &RgbImage, width: u32, height: u32) -> RgbImage {
-    if image.width() == width && image.height() == height {
-        return image.clone();
-    }
-    let (w, h) = (image.width() as usize, image.height() as usize);
-    let (ow, oh) = (width as usize, height as usize);
-    let src = image.as_raw();
-    let (precision_x, taps_x) = fixed_point(aa_taps(w, ow));
-    let mut mid = vec![0u8; h * ow * 3];
-    for y in 0..h {
-        for (x, (start, weights)) in taps_x.iter().enumerate() {
-            for c in 0..3 {
-                let acc = weights
-                    .iter()
-                    .enumerate()
-                    .fold(1i64 << (precision_x - 1), |acc, (k, wt)| {
-                        acc + src[(y * w + start + k) * 3 + c] as i64 * *wt as i64
-                    });
-                mid[(y * ow + x) * 3 + c] = (acc >> precision_x).clamp(0, 255) as u8;
-            }
-        }
-    }
-    let (precision_y, taps_y) = fixed_point(aa_taps(h, oh));
-    let mut out = vec![0u8; oh * ow * 3];
-    for (y, (start, weights)) in taps_y.iter().enumerate() {
-        for x in 0..ow {
-            for c in 0..3 {
-                let acc = weights
-                    .iter()
-                    .enumerate()
-                    .fold(1i64 << (precision_y - 1), |acc, (k, wt)| {
-                        acc + mid[((start + k) * ow + x) * 3 + c] as i64 * *wt as i64
-                    });
-                out[(y * ow + x) * 3 + c] = (acc >> precision_y).clamp(0, 255) as u8;
-            }
-        }
-    }
-    RgbImage::from_raw(width, height, out)
-        .unwrap_or_else(|| image::imageops::resize(image, width, height, FilterType::CatmullRom))
-}
-
-/// torch's 16-bit weights: the largest precision (≤ 22 bits) at which the largest weight
-/// still fits, each weight rounded half away from zero.
-fn fixed_point(taps: Vec<(usize, Vec<f64>)>) -> (u32, Vec<(usize, Vec<i16>)>) {
-    let max_weight = taps
-        .iter()
-        .flat_map(|(_, w)| w.iter().copied())
-        .fold(0f64, f64::max);
-    let mut precision = 0u32;
-    while precision < 22
-        && ((0.5 + max_weight * (1u64 << (precision + 1)) as f64) as i64) < (1 << 15)
-    {
-        precision += 1;
-    }
-    let scale = (1u64 << precision) as f64;
-    let quantised = taps
-        .into_iter()
-        .map(|(start, w)| {
-            let q = w
-                .iter()
-                .map(|&v| {
-                    if v < 0.0 {
-                        (-0.5 + v * scale) as i16
-                    } else {
-                        (0.5 + v * scale) as i16
-                    }
-                })
-                .collect();
-            (start, q)
-        })
-        .collect();
-    (precision, quantised)
-}
-
-/// For each output index: the first input index and the normalised weights.
-fn aa_taps(input: usize, output: usize) -> Vec<(usize, Vec<f64>)> {
-    let cubic = |x: f64| {
-        let x = x.abs();
-        let a = -0.5f64;
-        if x < 1.0 {
-            ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0
-        } else if x < 2.0 {
-            (((x - 5.0) * x + 8.0) * x - 4.0) * a
-        } else {
-            0.0
-        }
-    };
-    let scale = input as f64 / output as f64;
-    let (support, inv_scale) = if scale >= 1.0 {
-        (2.0 * scale, 1.0 / scale)
-    } else {
-        (2.0, 1.0)
-    };
-    (0..output)
-        .map(|i| {
-            let center = scale * (i as f64 + 0.5);
-            let xmin = ((center - support + 0.5) as i64).max(0) as usize;
-            let xmax = ((center + support + 0.5) as i64).min(input as i64) as usize;
-            let mut weights: Vec<f64> = (xmin..xmax)
-                .map(|j| cubic((j as f64 - center + 0.5) * inv_scale))
-                .collect();
-            let total: f64 = weights.iter().sum();
-            if total != 0.0 {
-                weights.iter_mut().for_each(|w| *w /= total);
-            }
-            (xmin, weights)
-        })
-        .collect()
+    resize_rgb(image, width, height, Resampler::TorchBicubicAntialias)
 }
 
 /// The `size`×`size` RGB image the encoder sees.

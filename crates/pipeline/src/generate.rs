@@ -10,6 +10,7 @@ use ipcompose_models::unet::{Injections, UNet2DConditionModel};
 use ipcompose_models::vae::Vae;
 use ipcompose_schedulers::{build_scheduler, NoiseSource, Scheduler};
 
+use crate::control::{controlnet_residuals, t2i_features, PreparedControlNet, PreparedT2I};
 use crate::error::{PipelineError, Result};
 use crate::ip::{step_injections, PreparedIpAdapter};
 use crate::noise::SeededNoise;
@@ -147,6 +148,8 @@ impl BaseModel {
 #[derive(Default)]
 pub struct Conditions {
     pub ip_adapters: Vec<PreparedIpAdapter>,
+    pub controlnets: Vec<PreparedControlNet>,
+    pub t2i_adapters: Vec<PreparedT2I>,
 }
 
 pub struct TextConditioning {
@@ -222,9 +225,21 @@ pub fn denoise(
         };
         let model_input = scheduler.scale_model_input(&model_input, step)?;
         let ip_layers = step_injections(&conditions.ip_adapters, step, total);
+        let residuals = controlnet_residuals(
+            &conditions.controlnets,
+            step,
+            total,
+            &model_input,
+            t,
+            &text.context,
+            text.guided,
+        )?;
+        let features = t2i_features(&conditions.t2i_adapters, step, total)?;
         let injections = Injections {
             ip_layers: &ip_layers,
-            ..Default::default()
+            down_residuals: residuals.as_ref().map(|(down, _)| down.as_slice()),
+            mid_residual: residuals.as_ref().map(|(_, mid)| mid),
+            down_block_features: features.as_deref(),
         };
         let prediction = unet.forward(&model_input, t, &text.context, &injections)?;
         let prediction = if text.guided {

@@ -1,6 +1,7 @@
 //! Recipes, plans and the denoising loop: parse, then plan, then run.
 
 pub mod clip_image;
+pub mod control;
 pub mod error;
 pub mod generate;
 pub mod ip;
@@ -11,6 +12,7 @@ pub mod noise;
 pub mod output;
 pub mod plan;
 pub mod recipe;
+pub mod resample;
 pub mod run;
 pub mod source;
 

@@ -2,7 +2,9 @@
 //! `IPAdapterMaskProcessor` does and resized to each attention layer's token grid.
 
 use candle_core::{Device, Tensor};
-use image::{imageops::FilterType, GrayImage};
+use image::GrayImage;
+
+use crate::resample::{resize_gray, Resampler};
 
 use crate::error::Result;
 
@@ -17,11 +19,7 @@ pub struct BinaryMask {
 impl BinaryMask {
     /// Resize to the output size (Lanczos), grey, /255, then `< 0.5 → 0`, else 1.
     pub fn from_image(image: &GrayImage, width: usize, height: usize) -> Self {
-        let resized = if image.width() as usize == width && image.height() as usize == height {
-            image.clone()
-        } else {
-            image::imageops::resize(image, width as u32, height as u32, FilterType::Lanczos3)
-        };
+        let resized = resize_gray(image, width as u32, height as u32, Resampler::PilLanczos);
         let values = resized
             .pixels()
             .map(|p| {

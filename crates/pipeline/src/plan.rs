@@ -5,16 +5,22 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use ipcompose_models::clip_text::ClipTextConfig;
+use ipcompose_models::controlnet::ControlNetConfig;
 use ipcompose_models::folder::DiffusersFolder;
+use ipcompose_models::t2i_adapter::T2IAdapterConfig;
 use ipcompose_models::unet::UNetConfig;
 use ipcompose_models::vae::VaeConfig;
 use ipcompose_schedulers::{SchedulerConfig, SchedulerKind};
 
 use crate::clip_image::Fit;
+use crate::control::{
+    ControlKind, ControlModelSource, ControlNetPlan, ControlUse, ResizeMode, T2IAdapterPlan,
+};
 use crate::error::{PipelineError, Result};
 use crate::ip::{Combine, IpAdapterUse, IpModelPlan, IpSource};
 use crate::ip_scale::resolve_scales;
 use crate::locate::line_of;
+use crate::recipe::ControlSpec;
 use crate::recipe::{GenerateSpec, IpAdapterSpec, ModelSpec, Node, Recipe};
 use crate::source::resolve_model_source;
 
@@ -70,6 +76,7 @@ pub struct GenerationPlan {
     pub init: InitialNoise,
     pub clip_skip: usize,
     pub ip_adapters: Vec<IpAdapterUse>,
+    pub controls: Vec<ControlUse>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -89,6 +96,7 @@ pub struct OutputPlan {
 pub struct Plan {
     pub models: BTreeMap<String, BaseModelPlan>,
     pub ip_models: BTreeMap<String, IpModelPlan>,
+    pub control_models: BTreeMap<String, ControlModelSource>,
     /// Named input images, resolved to files that exist.
     pub images: BTreeMap<String, PathBuf>,
     pub generations: Vec<GenerationPlan>,
@@ -148,16 +156,36 @@ impl Plan {
         };
         let mut models = BTreeMap::new();
         let mut ip_models = BTreeMap::new();
+        let mut control_models = BTreeMap::new();
         for (name, spec) in &recipe.models {
             if is_ip_adapter_kind(&spec.kind) {
                 ip_models.insert(name.clone(), plan_ip_model(&cx, name, spec, base_dir)?);
+                continue;
+            }
+            if let Some(is_controlnet) = control_kind(&spec.kind) {
+                let source = base_dir.join(&spec.source);
+                if !source.exists() {
+                    return Err(cx.error(
+                        &["models", name, "source"],
+                        format!("`{}` not found", source.display()),
+                    ));
+                }
+                control_models.insert(
+                    name.clone(),
+                    ControlModelSource {
+                        is_controlnet,
+                        source,
+                        variant: spec.variant.clone(),
+                        global_pool: spec.global_pool,
+                    },
+                );
                 continue;
             }
             let kind = BaseKind::parse(&spec.kind).ok_or_else(|| {
                 cx.error(
                     &["models", name, "kind"],
                     format!(
-                        "unknown model kind `{}` (supported: sd15, sd2, ip-adapter; ControlNet and T2I-Adapter models are not implemented yet)",
+                        "unknown model kind `{}` (supported: sd15, sd2, ip-adapter, controlnet, t2i-adapter)",
                         spec.kind
                     ),
                 )
@@ -224,6 +252,7 @@ impl Plan {
                     let known = Known {
                         models: &models,
                         ip_models: &ip_models,
+                        control_models: &control_models,
                         images: &images,
                     };
                     generations.push(plan_generate(&cx, name, spec, &known, base_dir)?);
@@ -288,6 +317,7 @@ impl Plan {
         Ok(Self {
             models,
             ip_models,
+            control_models,
             images,
             generations,
             outputs,
@@ -303,7 +333,125 @@ impl Plan {
 struct Known<'a> {
     models: &'a BTreeMap<String, BaseModelPlan>,
     ip_models: &'a BTreeMap<String, IpModelPlan>,
+    control_models: &'a BTreeMap<String, ControlModelSource>,
     images: &'a BTreeMap<String, PathBuf>,
+}
+
+/// `Some(true)` for ControlNets, `Some(false)` for T2I-Adapters.
+fn control_kind(kind: &str) -> Option<bool> {
+    match kind.to_ascii_lowercase().as_str() {
+        "controlnet" | "control-net" | "control_net" => Some(true),
+        "t2i-adapter" | "t2i_adapter" | "t2iadapter" | "t2i" => Some(false),
+        _ => None,
+    }
+}
+
+fn plan_control(
+    cx: &Context,
+    node: &str,
+    index: usize,
+    spec: &ControlSpec,
+    known: &Known,
+    base: &BaseModelPlan,
+) -> Result<ControlUse> {
+    let at = |k: &'static str| ["nodes", node, "generate", "controls", k];
+    let names: Vec<String> = known.control_models.keys().cloned().collect();
+    let source = known.control_models.get(&spec.model).ok_or_else(|| {
+        cx.error(
+            &at("model"),
+            format!(
+                "controls[{index}]: unknown ControlNet / T2I-Adapter model `{}`{}",
+                spec.model,
+                did_you_mean(&spec.model, &names)
+            ),
+        )
+    })?;
+    let image_names: Vec<String> = known.images.keys().cloned().collect();
+    let image = known.images.get(&spec.image).cloned().ok_or_else(|| {
+        cx.error(
+            &at("image"),
+            format!(
+                "unknown image `{}`{}",
+                spec.image,
+                did_you_mean(&spec.image, &image_names)
+            ),
+        )
+    })?;
+    let model_error =
+        |e: ipcompose_models::ModelError| cx.error(&at("model"), format!("`{}`: {e}", spec.model));
+    let kind = if source.is_controlnet {
+        if spec.factor.is_some() {
+            return Err(cx.error(
+                &at("factor"),
+                "`factor` is for T2I-Adapters; ControlNets take start/end",
+            ));
+        }
+        let single_file = source.source.is_file();
+        let config = if single_file {
+            ControlNetConfig::from_single_file(
+                &source.source,
+                &base.unet,
+                source.global_pool.unwrap_or(false),
+            )
+            .map_err(model_error)?
+        } else {
+            let config = ControlNetConfig::from_folder(&source.source).map_err(model_error)?;
+            ipcompose_models::controlnet::check_compatible(&config, &base.unet)
+                .map_err(model_error)?;
+            config
+        };
+        ControlKind::ControlNet {
+            plan: ControlNetPlan {
+                source: source.source.clone(),
+                single_file,
+                variant: source.variant.clone(),
+                config,
+            },
+            guess_mode: spec.guess_mode.unwrap_or(false),
+        }
+    } else {
+        if spec.guess_mode.is_some() {
+            return Err(cx.error(&at("guess_mode"), "`guess_mode` is for ControlNets"));
+        }
+        let config = T2IAdapterConfig::from_folder(&source.source).map_err(model_error)?;
+        ipcompose_models::t2i_adapter::check_compatible(&config, &base.unet)
+            .map_err(model_error)?;
+        let factor = spec.factor.unwrap_or(1.0);
+        if !(0.0..=1.0).contains(&factor) {
+            return Err(cx.error(
+                &at("factor"),
+                format!("factor {factor} must be between 0 and 1"),
+            ));
+        }
+        ControlKind::T2IAdapter {
+            plan: T2IAdapterPlan {
+                source: source.source.clone(),
+                variant: source.variant.clone(),
+                config,
+            },
+            factor,
+        }
+    };
+    let (start, end) = (spec.start.unwrap_or(0.0), spec.end.unwrap_or(1.0));
+    if !(0.0..=1.0).contains(&start) || !(0.0..=1.0).contains(&end) || start >= end {
+        return Err(cx.error(
+            &at("start"),
+            format!("start {start} and end {end} must be fractions of the steps with start < end"),
+        ));
+    }
+    let resize: ResizeMode = match &spec.resize {
+        None => ResizeMode::Resize,
+        Some(r) => r.parse().map_err(|e: String| cx.error(&at("resize"), e))?,
+    };
+    Ok(ControlUse {
+        model: spec.model.clone(),
+        image,
+        scale: spec.scale.unwrap_or(1.0),
+        start,
+        end,
+        resize,
+        kind,
+    })
 }
 
 fn is_ip_adapter_kind(kind: &str) -> bool {
@@ -615,9 +763,16 @@ fn plan_generate(
         .enumerate()
         .map(|(i, ip)| plan_ip_use(cx, name, i, ip, known, base, base_dir))
         .collect::<Result<Vec<_>>>()?;
+    let controls = spec
+        .controls
+        .iter()
+        .enumerate()
+        .map(|(i, c)| plan_control(cx, name, i, c, known, base))
+        .collect::<Result<Vec<_>>>()?;
     Ok(GenerationPlan {
         node: name.to_string(),
         ip_adapters,
+        controls,
         base: spec.base.clone(),
         prompt: spec.prompt.clone(),
         negative_prompt: spec.negative_prompt.clone(),

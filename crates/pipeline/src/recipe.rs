@@ -38,6 +38,10 @@ pub struct ModelSpec {
     /// IP-Adapters: the CLIP image encoder folder (e.g. h94/IP-Adapter `models/image_encoder`).
     #[serde(default)]
     pub image_encoder: Option<String>,
+    /// Single-file ControlNets: whether it pools its conditions (shuffle); folders say so in
+    /// their config.
+    #[serde(default)]
+    pub global_pool: Option<bool>,
 }
 
 /// A node is a map with exactly one key naming what it does (`generate: {...}`).
@@ -88,6 +92,35 @@ pub struct GenerateSpec {
     /// Image prompts, any number, each with its own images and settings.
     #[serde(default)]
     pub ip_adapters: Vec<IpAdapterSpec>,
+    /// Structural conditions: ControlNets and T2I-Adapters.
+    #[serde(default)]
+    pub controls: Vec<ControlSpec>,
+}
+
+/// One ControlNet or T2I-Adapter in a `generate` node.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ControlSpec {
+    /// A model of `kind: controlnet` or `kind: t2i-adapter`.
+    pub model: String,
+    /// The hint image (a name from `images:`).
+    pub image: String,
+    /// Conditioning scale (ControlNet) or adapter weight (T2I), default 1.0.
+    #[serde(default)]
+    pub scale: Option<f64>,
+    #[serde(default)]
+    pub start: Option<f64>,
+    #[serde(default)]
+    pub end: Option<f64>,
+    /// ControlNet guess mode.
+    #[serde(default)]
+    pub guess_mode: Option<bool>,
+    /// T2I-Adapter: the fraction of steps it applies to (default 1.0).
+    #[serde(default)]
+    pub factor: Option<f64>,
+    /// `resize` (stretch, default), `crop`, `fill`.
+    #[serde(default)]
+    pub resize: Option<String>,
 }
 
 /// One IP-Adapter in a `generate` node.

@@ -13,6 +13,13 @@ use crate::plan::{OutputKind, Plan};
 use ipcompose_models::clip_vision::{load_image_encoder, ClipVisionModel};
 use ipcompose_models::ip_adapter::IpAdapter;
 use std::path::PathBuf;
+use std::rc::Rc;
+
+use crate::control::{
+    load_controlnet, load_t2i_adapter, prepare_hint, ControlKind, PreparedControlNet, PreparedT2I,
+};
+use ipcompose_models::controlnet::ControlNetModel;
+use ipcompose_models::t2i_adapter::T2IAdapter;
 
 #[derive(Debug, Clone)]
 pub struct RunOptions {
@@ -91,6 +98,8 @@ pub fn run_plan(
 struct AdapterCache {
     ip_adapters: BTreeMap<String, IpAdapter>,
     encoders: BTreeMap<PathBuf, ClipVisionModel>,
+    controlnets: BTreeMap<(String, String), Rc<ControlNetModel>>,
+    t2i_adapters: BTreeMap<String, T2IAdapter>,
 }
 
 fn prepare_conditions(
@@ -155,6 +164,54 @@ fn prepare_conditions(
             guided,
             options.dtype,
         )?);
+    }
+    for control in &generation.controls {
+        let hint = prepare_hint(
+            &control.image,
+            generation.width,
+            generation.height,
+            control.resize,
+            &options.device,
+        )?
+        .to_dtype(options.dtype)?;
+        match &control.kind {
+            ControlKind::ControlNet {
+                plan: cn,
+                guess_mode,
+            } => {
+                let key = (control.model.clone(), generation.base.clone());
+                if !cache.controlnets.contains_key(&key) {
+                    let model = load_controlnet(cn, options.dtype, &options.device)?;
+                    cache.controlnets.insert(key.clone(), Rc::new(model));
+                }
+                conditions.controlnets.push(PreparedControlNet {
+                    model: cache.controlnets[&key].clone(),
+                    hint,
+                    scale: control.scale,
+                    start: control.start,
+                    end: control.end,
+                    // diffusers forces guess mode for models that pool their conditions.
+                    guess_mode: *guess_mode || cn.config.global_pool_conditions,
+                });
+            }
+            ControlKind::T2IAdapter { plan: t2i, factor } => {
+                if !cache.t2i_adapters.contains_key(&control.model) {
+                    let adapter = load_t2i_adapter(t2i, options.dtype, &options.device)?;
+                    cache.t2i_adapters.insert(control.model.clone(), adapter);
+                }
+                let features = cache.t2i_adapters[&control.model]
+                    .forward(&hint)?
+                    .into_iter()
+                    .map(|f| Ok((f * control.scale)?))
+                    .collect::<Result<Vec<_>>>()?;
+                conditions.t2i_adapters.push(PreparedT2I {
+                    features,
+                    start: control.start,
+                    end: control.end,
+                    factor: *factor,
+                });
+            }
+        }
     }
     Ok(conditions)
 }

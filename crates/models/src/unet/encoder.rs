@@ -205,7 +205,7 @@ impl Encoder {
                 // resnet/attention pair, before that output is kept as a skip.
                 if l + 1 == block.resnets.len() && !block.attentions.is_empty() {
                     if let Some(f) = feature {
-                        xs = (xs + f)?;
+                        xs = xs.broadcast_add(f)?;
                     }
                 }
                 skips.push(xs.clone());
@@ -217,7 +217,7 @@ impl Encoder {
             // A plain block adds them to its output in place, so its last skip carries them too.
             if block.attentions.is_empty() {
                 if let Some(f) = feature {
-                    xs = (xs + f)?;
+                    xs = xs.broadcast_add(f)?;
                     if let Some(last) = skips.last_mut() {
                         *last = xs.clone();
                     }

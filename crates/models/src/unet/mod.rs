@@ -159,13 +159,13 @@ impl UNet2DConditionModel {
                 );
             }
             for (skip, residual) in skips.iter_mut().zip(residuals) {
-                *skip = (&*skip + residual)?;
+                *skip = skip.broadcast_add(residual)?;
             }
         }
 
         xs = self.encoder.mid_block.forward(&xs, &temb, context, ip)?;
         if let Some(residual) = injections.mid_residual {
-            xs = (xs + residual)?;
+            xs = xs.broadcast_add(residual)?;
         }
 
         for block in &self.up_blocks {

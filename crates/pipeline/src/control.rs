@@ -1,0 +1,287 @@
+//! Structural conditions: ControlNets (run every step inside their window, residuals summed
+//! on the device) and T2I-Adapters (features computed once, added while active).
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use ipcompose_models::controlnet::{ControlNetConfig, ControlNetModel};
+use ipcompose_models::t2i_adapter::{T2IAdapter, T2IAdapterConfig};
+
+use crate::clip_image::load_rgb;
+use crate::error::Result;
+use crate::ip::active_at;
+use crate::resample::{resize_rgb, Resampler};
+
+/// How a hint image is brought to the output size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ResizeMode {
+    /// Stretch to the output size (diffusers' behaviour; Pillow Lanczos).
+    #[default]
+    Resize,
+    /// Scale to cover the output, then centre-crop the overflow.
+    Crop,
+    /// Scale to fit inside the output, then pad with black (no condition) around it.
+    Fill,
+}
+
+impl std::str::FromStr for ResizeMode {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "resize" | "stretch" => Ok(Self::Resize),
+            "crop" => Ok(Self::Crop),
+            "fill" | "pad" => Ok(Self::Fill),
+            other => Err(format!(
+                "unknown resize mode `{other}` (valid: resize, crop, fill)"
+            )),
+        }
+    }
+}
+
+/// The hint as the pipelines prepare it: RGB, `width`×`height`, `[1, 3, H, W]` in [0, 1].
+pub fn prepare_hint(
+    path: &Path,
+    width: usize,
+    height: usize,
+    mode: ResizeMode,
+    device: &Device,
+) -> Result<Tensor> {
+    let image = load_rgb(path)?;
+    let (w, h) = (image.width() as f64, image.height() as f64);
+    let (tw, th) = (width as u32, height as u32);
+    let fitted = match mode {
+        ResizeMode::Resize => resize_rgb(&image, tw, th, Resampler::PilLanczos),
+        ResizeMode::Crop | ResizeMode::Fill => {
+            let scale = if mode == ResizeMode::Crop {
+                (width as f64 / w).max(height as f64 / h)
+            } else {
+                (width as f64 / w).min(height as f64 / h)
+            };
+            let sw = ((w * scale).round() as u32).max(1);
+            let sh = ((h * scale).round() as u32).max(1);
+            let scaled = resize_rgb(&image, sw, sh, Resampler::PilLanczos);
+            let mut canvas = image::RgbImage::new(tw, th);
+            let dx = (tw as i64 - sw as i64) / 2;
+            let dy = (th as i64 - sh as i64) / 2;
+            image::imageops::overlay(&mut canvas, &scaled, dx, dy);
+            canvas
+        }
+    };
+    let (fw, fh) = (fitted.width() as usize, fitted.height() as usize);
+    let mut data = vec![0f32; 3 * fw * fh];
+    for (x, y, p) in fitted.enumerate_pixels() {
+        for c in 0..3 {
+            data[c * fw * fh + y as usize * fw + x as usize] = p.0[c] as f32 / 255.0;
+        }
+    }
+    Ok(Tensor::from_vec(data, (1, 3, fh, fw), device)?)
+}
+
+/// A ControlNet model declared in a recipe, checked against its base at plan time.
+#[derive(Debug, Clone)]
+pub struct ControlNetPlan {
+    pub source: PathBuf,
+    pub single_file: bool,
+    pub variant: Option<String>,
+    pub config: ControlNetConfig,
+}
+
+#[derive(Debug, Clone)]
+pub struct T2IAdapterPlan {
+    pub source: PathBuf,
+    pub variant: Option<String>,
+    pub config: T2IAdapterConfig,
+}
+
+pub fn load_controlnet(
+    plan: &ControlNetPlan,
+    dtype: DType,
+    device: &Device,
+) -> Result<ControlNetModel> {
+    Ok(if plan.single_file {
+        ControlNetModel::load_single_file(&plan.source, &plan.config, dtype, device)?
+    } else {
+        ControlNetModel::load_folder(
+            &plan.source,
+            &plan.config,
+            plan.variant.as_deref(),
+            dtype,
+            device,
+        )?
+    })
+}
+
+pub fn load_t2i_adapter(
+    plan: &T2IAdapterPlan,
+    dtype: DType,
+    device: &Device,
+) -> Result<T2IAdapter> {
+    Ok(T2IAdapter::load_folder(
+        &plan.source,
+        &plan.config,
+        plan.variant.as_deref(),
+        dtype,
+        device,
+    )?)
+}
+
+/// A ControlNet or T2I-Adapter model declared in a recipe (`kind: controlnet | t2i-adapter`).
+/// Its config is resolved against the base model that uses it.
+#[derive(Debug, Clone)]
+pub struct ControlModelSource {
+    pub is_controlnet: bool,
+    pub source: PathBuf,
+    pub variant: Option<String>,
+    /// Single-file ControlNets do not record it (true for shuffle models).
+    pub global_pool: Option<bool>,
+}
+
+/// The kind-specific settings of one control in a generation.
+#[derive(Debug, Clone)]
+pub enum ControlKind {
+    ControlNet {
+        plan: ControlNetPlan,
+        guess_mode: bool,
+    },
+    T2IAdapter {
+        plan: T2IAdapterPlan,
+        /// Fraction of the steps the features apply to (diffusers' `adapter_conditioning_factor`).
+        factor: f64,
+    },
+}
+
+/// One control as a generation uses it.
+#[derive(Debug, Clone)]
+pub struct ControlUse {
+    pub model: String,
+    pub image: PathBuf,
+    pub scale: f64,
+    pub start: f64,
+    pub end: f64,
+    pub resize: ResizeMode,
+    pub kind: ControlKind,
+}
+
+/// A ControlNet ready for the loop.
+pub struct PreparedControlNet {
+    pub model: std::rc::Rc<ControlNetModel>,
+    /// `[1, 3, H, W]`; broadcast over the batch.
+    pub hint: Tensor,
+    pub scale: f64,
+    pub start: f64,
+    pub end: f64,
+    /// Guess mode, forced for `global_pool_conditions` models as diffusers does.
+    pub guess_mode: bool,
+}
+
+/// T2I features, already multiplied by their scale.
+pub struct PreparedT2I {
+    pub features: Vec<Tensor>,
+    pub start: f64,
+    pub end: f64,
+    pub factor: f64,
+}
+
+impl PreparedT2I {
+    /// Active inside its window and while `step < ⌊steps · factor⌋` (diffusers' rule).
+    pub fn active_at(&self, step: usize, steps: usize) -> bool {
+        active_at(step, steps, self.start, self.end)
+            && step < (steps as f64 * self.factor).floor() as usize
+    }
+}
+
+/// Summed ControlNet residuals for one step: `(down, mid)`, or `None` when none is active.
+/// Outside its window a ControlNet is not run at all.
+pub fn controlnet_residuals(
+    controlnets: &[PreparedControlNet],
+    step: usize,
+    steps: usize,
+    model_input: &Tensor,
+    timestep: f64,
+    context: &Tensor,
+    guided: bool,
+) -> Result<Option<(Vec<Tensor>, Tensor)>> {
+    let mut sum: Option<(Vec<Tensor>, Tensor)> = None;
+    for cn in controlnets {
+        if !active_at(step, steps, cn.start, cn.end) || cn.scale == 0.0 {
+            continue;
+        }
+        // Guess mode under guidance: only the conditional half, zeros for the other half.
+        let cond_only = cn.guess_mode && guided;
+        let (input, ctx) = if cond_only {
+            (model_input.narrow(0, 1, 1)?, context.narrow(0, 1, 1)?)
+        } else {
+            (model_input.clone(), context.clone())
+        };
+        let out = cn
+            .model
+            .forward(&input, timestep, &ctx, &cn.hint, cn.scale, cn.guess_mode)?;
+        let pad = |t: Tensor| -> Result<Tensor> {
+            if cond_only {
+                Ok(Tensor::cat(&[&t.zeros_like()?, &t], 0)?)
+            } else {
+                Ok(t)
+            }
+        };
+        let down = out.down.into_iter().map(pad).collect::<Result<Vec<_>>>()?;
+        let mid = pad(out.mid)?;
+        sum = Some(match sum {
+            None => (down, mid),
+            Some((acc_down, acc_mid)) => (
+                acc_down
+                    .iter()
+                    .zip(&down)
+                    .map(|(a, b)| Ok(a.broadcast_add(b)?))
+                    .collect::<Result<Vec<_>>>()?,
+                acc_mid.broadcast_add(&mid)?,
+            ),
+        });
+    }
+    Ok(sum)
+}
+
+/// Summed T2I features of the adapters active at this step.
+pub fn t2i_features(
+    adapters: &[PreparedT2I],
+    step: usize,
+    steps: usize,
+) -> Result<Option<Vec<Tensor>>> {
+    let mut sum: Option<Vec<Tensor>> = None;
+    for adapter in adapters.iter().filter(|a| a.active_at(step, steps)) {
+        sum = Some(match sum {
+            None => adapter.features.clone(),
+            Some(acc) => acc
+                .iter()
+                .zip(&adapter.features)
+                .map(|(a, b)| Ok((a + b)?))
+                .collect::<Result<Vec<_>>>()?,
+        });
+    }
+    Ok(sum)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn factor_limits_the_steps() {
+        let t = PreparedT2I {
+            features: vec![],
+            start: 0.0,
+            end: 1.0,
+            factor: 0.75,
+        };
+        let active: Vec<bool> = (0..4).map(|i| t.active_at(i, 4)).collect();
+        assert_eq!(active, [true, true, true, false]);
+    }
+
+    #[test]
+    fn resize_modes_parse() {
+        assert_eq!("crop".parse::<ResizeMode>().unwrap(), ResizeMode::Crop);
+        assert!("zoom"
+            .parse::<ResizeMode>()
+            .unwrap_err()
+            .contains("resize, crop, fill"));
+    }
+}
