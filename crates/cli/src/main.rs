@@ -31,11 +31,17 @@ enum Command {
         /// No progress output.
         #[arg(long, short)]
         quiet: bool,
+        /// Override a recipe value, e.g. `--set nodes.gen.generate.seed=7` (repeatable).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        sets: Vec<String>,
     },
     /// Check a recipe without loading weights and print the resolved plan.
     Validate {
         /// The recipe file (YAML).
         recipe: PathBuf,
+        /// Override a recipe value (repeatable).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        sets: Vec<String>,
     },
     /// Write an IP-Adapter's image tokens for reference images to a safetensors file
     /// (`tokens`, `negative_tokens`), usable as `embeds:` in a recipe.
@@ -144,10 +150,10 @@ fn embed(args: EmbedArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn load_plan(path: &Path) -> anyhow::Result<Plan> {
+fn load_plan(path: &Path, sets: &[String]) -> anyhow::Result<Plan> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("reading recipe {}", path.display()))?;
-    let recipe = Recipe::parse(&text, path)?;
+    let recipe = Recipe::parse_with_overrides(&text, path, sets)?;
     let base_dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
     Ok(Plan::build(&recipe, &text, path, &base_dir)?)
 }
@@ -195,8 +201,8 @@ fn print_plan(plan: &Plan) {
     }
 }
 
-fn run(recipe: &Path, overwrite: bool, quiet: bool) -> anyhow::Result<()> {
-    let plan = load_plan(recipe)?;
+fn run(recipe: &Path, sets: &[String], overwrite: bool, quiet: bool) -> anyhow::Result<()> {
+    let plan = load_plan(recipe, sets)?;
     let options = RunOptions {
         overwrite,
         ..RunOptions::default()
@@ -234,8 +240,11 @@ fn main() -> ExitCode {
             recipe,
             overwrite,
             quiet,
-        } => run(&recipe, overwrite, quiet),
-        Command::Validate { recipe } => load_plan(&recipe).map(|plan| print_plan(&plan)),
+            sets,
+        } => run(&recipe, &sets, overwrite, quiet),
+        Command::Validate { recipe, sets } => {
+            load_plan(&recipe, &sets).map(|plan| print_plan(&plan))
+        }
         Command::Embed {
             adapter,
             image_encoder,

@@ -207,6 +207,33 @@ impl Recipe {
         Ok(recipe)
     }
 
+    /// Parses `text` after applying `--set key.path=value` overrides (values are YAML, e.g.
+    /// `7`, `[512, 768]`, `{kind: euler}`; numeric path segments index lists).
+    pub fn parse_with_overrides(text: &str, origin: &Path, overrides: &[String]) -> Result<Self> {
+        if overrides.is_empty() {
+            return Self::parse(text, origin);
+        }
+        let err = |message: String| PipelineError::Recipe {
+            path: origin.to_path_buf(),
+            message,
+        };
+        let mut value: serde_yaml::Value =
+            serde_yaml::from_str(text).map_err(|e| err(e.to_string()))?;
+        for assignment in overrides {
+            apply_override(&mut value, assignment)
+                .map_err(|e| err(format!("--set {assignment}: {e}")))?;
+        }
+        let recipe: Recipe = serde_yaml::from_value(value)
+            .map_err(|e| err(format!("after --set overrides: {e}")))?;
+        if recipe.version != 1 {
+            return Err(err(format!(
+                "unsupported recipe version {}",
+                recipe.version
+            )));
+        }
+        Ok(recipe)
+    }
+
     pub fn from_file(path: &Path) -> Result<(Self, PathBuf)> {
         let text = std::fs::read_to_string(path).map_err(|source| PipelineError::Io {
             path: path.to_path_buf(),
@@ -215,5 +242,81 @@ impl Recipe {
         let recipe = Self::parse(&text, path)?;
         let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
         Ok((recipe, dir))
+    }
+}
+
+/// Sets `path.to.key=value` in a YAML document, creating missing mapping keys.
+pub fn apply_override(
+    root: &mut serde_yaml::Value,
+    assignment: &str,
+) -> std::result::Result<(), String> {
+    let (path, raw) = assignment
+        .split_once('=')
+        .ok_or_else(|| "expected KEY.PATH=VALUE".to_string())?;
+    let value: serde_yaml::Value =
+        serde_yaml::from_str(raw).map_err(|e| format!("value is not YAML: {e}"))?;
+    let mut node = root;
+    let segments: Vec<&str> = path.split('.').collect();
+    for (i, segment) in segments.iter().enumerate() {
+        if segment.is_empty() {
+            return Err(format!("empty segment in `{path}`"));
+        }
+        let last = i + 1 == segments.len();
+        node = match node {
+            serde_yaml::Value::Sequence(items) => {
+                let index: usize = segment
+                    .parse()
+                    .map_err(|_| format!("`{segment}` indexes a list; use a number"))?;
+                let len = items.len();
+                items
+                    .get_mut(index)
+                    .ok_or_else(|| format!("index {index} is past the end of a list of {len}"))?
+            }
+            serde_yaml::Value::Mapping(map) => {
+                let key = serde_yaml::Value::String(segment.to_string());
+                if !map.contains_key(&key) {
+                    if !last {
+                        map.insert(key.clone(), serde_yaml::Value::Mapping(Default::default()));
+                    } else {
+                        map.insert(key.clone(), serde_yaml::Value::Null);
+                    }
+                }
+                map.get_mut(&key)
+                    .ok_or_else(|| format!("cannot set `{segment}`"))?
+            }
+            _ => {
+                return Err(format!(
+                    "`{}` is not a mapping or list",
+                    segments[..i].join(".")
+                ))
+            }
+        };
+    }
+    *node = value;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn overrides_replace_nested_values_and_list_items() {
+        let text = "version: 1\nnodes:\n  gen:\n    generate: {base: b, prompt: p, seed: 1}\noutputs:\n  - {image: gen, path: a.png}\n";
+        let sets = [
+            "nodes.gen.generate.seed=7".to_string(),
+            "outputs.0.path=b.png".to_string(),
+            "nodes.gen.generate.size=[64, 96]".to_string(),
+        ];
+        let recipe = Recipe::parse_with_overrides(text, Path::new("r.yaml"), &sets).unwrap();
+        let gen = recipe.nodes["gen"].generate.as_ref().unwrap();
+        assert_eq!(gen.seed, Some(7));
+        assert_eq!(gen.size, Some([64, 96]));
+        assert_eq!(recipe.outputs[0].path, "b.png");
+        let bad = ["outputs.3.path=x".to_string()];
+        let err = Recipe::parse_with_overrides(text, Path::new("r.yaml"), &bad)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("past the end"), "{err}");
     }
 }

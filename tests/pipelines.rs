@@ -1,0 +1,106 @@
+//! Every recipe in `pipelines/` runs as written on the tiny test models: the CLI's `--set`
+//! points its models and images at the fixtures and shrinks size and steps.
+
+mod common;
+
+use std::process::Command;
+
+use common::{fx, scratch};
+
+/// The fixture standing in for each model kind.
+fn tiny_source(kind: &str, source: &str) -> Vec<(String, String)> {
+    match kind {
+        "sd15" => vec![("source".into(), fx("tiny-sd15"))],
+        "ip-adapter" => {
+            let file = if source.contains("plus") {
+                "ip-adapter/ip-adapter-plus_tiny.safetensors"
+            } else {
+                "ip-adapter/ip-adapter_tiny.safetensors"
+            };
+            vec![
+                ("source".into(), fx(file)),
+                ("image_encoder".into(), fx("ip-adapter/image_encoder")),
+            ]
+        }
+        "controlnet" => vec![("source".into(), fx("controlnet/tiny-canny"))],
+        "t2i-adapter" => vec![("source".into(), fx("t2i/tiny-full"))],
+        other => panic!("no tiny stand-in for model kind {other}"),
+    }
+}
+
+#[test]
+fn every_pipeline_recipe_runs_on_the_tiny_models() {
+    let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("pipelines");
+    let mut recipes: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    recipes.sort();
+    assert!(
+        recipes.len() >= 5,
+        "pipelines/ should hold at least five recipes"
+    );
+    for recipe in recipes {
+        let text = std::fs::read_to_string(&recipe).unwrap();
+        let yaml: serde_yaml::Value = serde_yaml::from_str(&text).unwrap();
+        let out = scratch(&format!(
+            "pipeline-{}",
+            recipe.file_stem().unwrap().to_string_lossy()
+        ));
+        let mut sets = Vec::new();
+        for (name, model) in yaml["models"].as_mapping().unwrap() {
+            let name = name.as_str().unwrap();
+            let kind = model["kind"].as_str().unwrap();
+            for (key, value) in tiny_source(kind, model["source"].as_str().unwrap()) {
+                sets.push(format!("models.{name}.{key}={value}"));
+            }
+        }
+        let images = [
+            "controlnet/inputs/edges.png",
+            "ip-adapter/inputs/ref_a.png",
+            "ip-adapter/inputs/mask_left.png",
+        ];
+        let no_images = serde_yaml::Mapping::new();
+        let declared = yaml["images"].as_mapping().unwrap_or(&no_images);
+        for (i, name) in declared.keys().enumerate() {
+            let name = name.as_str().unwrap();
+            let image = if name.contains("mask") {
+                images[2]
+            } else {
+                images[i % 2]
+            };
+            sets.push(format!("images.{name}={}", fx(image)));
+        }
+        for (node, _) in yaml["nodes"].as_mapping().unwrap() {
+            let node = node.as_str().unwrap();
+            sets.push(format!("nodes.{node}.generate.size=[128, 128]"));
+            sets.push(format!("nodes.{node}.generate.steps=2"));
+        }
+        for (i, output) in yaml["outputs"].as_sequence().unwrap().iter().enumerate() {
+            let original = output["path"].as_str().unwrap();
+            let ext = original.rsplit('.').next().unwrap();
+            sets.push(format!("outputs.{i}.path={}/out-{i}.{ext}", out.display()));
+        }
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_ipcompose"));
+        cmd.args(["run", "--quiet"]).arg(&recipe);
+        for set in &sets {
+            cmd.args(["--set", set]);
+        }
+        let result = cmd.output().unwrap();
+        assert!(
+            result.status.success(),
+            "{}: {}",
+            recipe.display(),
+            String::from_utf8_lossy(&result.stderr)
+        );
+        let png = out.join("out-0.png");
+        let image = image::open(&png).unwrap_or_else(|e| panic!("{}: {e}", png.display()));
+        assert_eq!(
+            (image.width(), image.height()),
+            (128, 128),
+            "{}",
+            recipe.display()
+        );
+    }
+}
