@@ -140,7 +140,7 @@ pub struct ControlModelSource {
 #[derive(Debug, Clone)]
 pub enum ControlKind {
     ControlNet {
-        plan: ControlNetPlan,
+        plan: Box<ControlNetPlan>,
         guess_mode: bool,
     },
     T2IAdapter {

@@ -401,12 +401,12 @@ fn plan_control(
             config
         };
         ControlKind::ControlNet {
-            plan: ControlNetPlan {
+            plan: Box::new(ControlNetPlan {
                 source: source.source.clone(),
                 single_file,
                 variant: source.variant.clone(),
                 config,
-            },
+            }),
             guess_mode: spec.guess_mode.unwrap_or(false),
         }
     } else {
