@@ -51,7 +51,7 @@ fn main() -> anyhow::Result<()> {
         })?;
         eprintln!();
         let path = out_dir.join(format!("image-{i}.png"));
-        save_png(&generated.image, &path)?;
+        save_png(&generated.image, &path, None)?;
         println!("wrote {}", path.display());
     }
     Ok(())

@@ -191,3 +191,63 @@ fn validate_prints_the_plan_without_loading_weights() {
     assert!(stdout.contains("16 cross-attention layers"), "{stdout}");
     assert!(stdout.contains("128x128"), "{stdout}");
 }
+
+#[test]
+fn png_carries_the_recipe_and_from_reruns_it() {
+    let (dir, recipe) = workspace("cli-from-png");
+    let (ok, _, stderr) = ipcompose(&[
+        "run",
+        recipe.to_str().unwrap(),
+        "--quiet",
+        "--set",
+        "nodes.gen.generate.seed=9",
+    ]);
+    assert!(ok, "{stderr}");
+    let png = dir.join("recipes/out/house.png");
+    let embedded = ipcompose::pipeline::provenance::read_embedded(&png).unwrap();
+    assert!(
+        embedded.contains("seed: 9"),
+        "the --set value is what ran:\n{embedded}"
+    );
+    assert!(embedded.contains("ipcompose_version"), "{embedded}");
+    assert!(embedded.contains(
+        &dir.join("recipes/inputs/house.png")
+            .canonicalize()
+            .unwrap()
+            .display()
+            .to_string()
+    ));
+    let again = dir.join("again.png");
+    let again_latents = dir.join("again.safetensors");
+    let (ok, _, stderr) = ipcompose(&[
+        "run",
+        "--from",
+        png.to_str().unwrap(),
+        "--quiet",
+        "--set",
+        &format!("outputs.0.path={}", again.display()),
+        "--set",
+        &format!("outputs.1.path={}", again_latents.display()),
+    ]);
+    assert!(ok, "{stderr}");
+    let a = image::open(&png).unwrap().to_rgb8();
+    let b = image::open(&again).unwrap().to_rgb8();
+    assert_eq!(
+        a.as_raw(),
+        b.as_raw(),
+        "re-running from the PNG reproduces the image"
+    );
+    // A PNG without a recipe is refused clearly.
+    let (ok, _, stderr) = ipcompose(&[
+        "run",
+        "--from",
+        fixtures()
+            .join("recipes/inputs/house.png")
+            .to_str()
+            .unwrap(),
+    ]);
+    assert!(
+        !ok && stderr.contains("not written by ipcompose"),
+        "{stderr}"
+    );
+}

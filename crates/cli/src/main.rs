@@ -1,5 +1,7 @@
 //! The `ipcompose` command line.
 
+mod bench;
+
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -24,7 +26,11 @@ enum Command {
     /// Run a recipe and write its outputs.
     Run {
         /// The recipe file (YAML).
-        recipe: PathBuf,
+        #[arg(required_unless_present = "from", conflicts_with = "from")]
+        recipe: Option<PathBuf>,
+        /// Re-run the recipe embedded in a PNG that ipcompose wrote.
+        #[arg(long, value_name = "IMAGE.png")]
+        from: Option<PathBuf>,
         /// Replace output files that already exist.
         #[arg(long)]
         overwrite: bool,
@@ -71,6 +77,9 @@ enum Command {
         #[arg(required = true)]
         images: Vec<PathBuf>,
     },
+    /// Measure the UNet step, IP-Adapter, ControlNet, whole-run and load times with
+    /// full-size SD1.5 models of random weights (or the tiny test models).
+    Bench(bench::BenchArgs),
 }
 
 struct EmbedArgs {
@@ -151,11 +160,27 @@ fn embed(args: EmbedArgs) -> anyhow::Result<()> {
 }
 
 fn load_plan(path: &Path, sets: &[String]) -> anyhow::Result<Plan> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("reading recipe {}", path.display()))?;
+    Ok(load_recipe(path, false, sets)?.0)
+}
+
+/// Reads a recipe file (or the recipe embedded in a PNG), applies `--set` overrides and
+/// plans it; also returns the resolved recipe text to embed in the PNGs it writes.
+fn load_recipe(path: &Path, from_png: bool, sets: &[String]) -> anyhow::Result<(Plan, String)> {
+    use ipcompose::pipeline::provenance::{changed_inputs, embedded_text, read_embedded};
+    let text = if from_png {
+        read_embedded(path)?
+    } else {
+        std::fs::read_to_string(path)
+            .with_context(|| format!("reading recipe {}", path.display()))?
+    };
     let recipe = Recipe::parse_with_overrides(&text, path, sets)?;
+    for input in changed_inputs(&recipe) {
+        eprintln!("warning: {input} changed since {} was made", path.display());
+    }
     let base_dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
-    Ok(Plan::build(&recipe, &text, path, &base_dir)?)
+    let plan = Plan::build(&recipe, &text, path, &base_dir)?;
+    let metadata = embedded_text(&recipe, &base_dir)?;
+    Ok((plan, metadata))
 }
 
 fn print_plan(plan: &Plan) {
@@ -201,10 +226,17 @@ fn print_plan(plan: &Plan) {
     }
 }
 
-fn run(recipe: &Path, sets: &[String], overwrite: bool, quiet: bool) -> anyhow::Result<()> {
-    let plan = load_plan(recipe, sets)?;
+fn run(
+    recipe: &Path,
+    from_png: bool,
+    sets: &[String],
+    overwrite: bool,
+    quiet: bool,
+) -> anyhow::Result<()> {
+    let (plan, metadata) = load_recipe(recipe, from_png, sets)?;
     let options = RunOptions {
         overwrite,
+        metadata: Some(metadata),
         ..RunOptions::default()
     };
     let terminal = std::io::stderr().is_terminal();
@@ -238,10 +270,15 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run {
             recipe,
+            from,
             overwrite,
             quiet,
             sets,
-        } => run(&recipe, &sets, overwrite, quiet),
+        } => match (recipe, from) {
+            (Some(recipe), None) => run(&recipe, false, &sets, overwrite, quiet),
+            (None, Some(png)) => run(&png, true, &sets, overwrite, quiet),
+            _ => Err(anyhow::anyhow!("give a recipe file or --from IMAGE.png")),
+        },
         Command::Validate { recipe, sets } => {
             load_plan(&recipe, &sets).map(|plan| print_plan(&plan))
         }
@@ -264,6 +301,7 @@ fn main() -> ExitCode {
             debug_input,
             images,
         }),
+        Command::Bench(args) => bench::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

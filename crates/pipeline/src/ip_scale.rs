@@ -8,7 +8,7 @@ use ipcompose_models::unet::{CrossAttentionLayer, UNetPart};
 use serde::Deserialize;
 
 /// `scale:` as written in a recipe.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(untagged)]
 pub enum ScaleSpec {
     Uniform(f64),
@@ -17,7 +17,7 @@ pub enum ScaleSpec {
 }
 
 /// A part's value: one number for all its blocks, or per block name.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(untagged)]
 pub enum BlockScale {
     All(f64),
@@ -25,7 +25,7 @@ pub enum BlockScale {
 }
 
 /// A block's value: one number, or one per `attentions.{a}` module.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(untagged)]
 pub enum LayerScale {
     All(f64),

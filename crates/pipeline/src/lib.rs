@@ -11,6 +11,7 @@ pub mod mask;
 pub mod noise;
 pub mod output;
 pub mod plan;
+pub mod provenance;
 pub mod recipe;
 pub mod resample;
 pub mod run;

@@ -60,11 +60,25 @@ pub fn write_atomically(path: &Path, write: impl FnOnce(&Path) -> Result<()>) ->
     })
 }
 
-pub fn save_png(image: &Tensor, path: &Path) -> Result<()> {
+/// Writes `image` as PNG; `metadata` (the resolved recipe) goes into an iTXt chunk.
+pub fn save_png(image: &Tensor, path: &Path, metadata: Option<&str>) -> Result<()> {
     let rgb = to_rgb8(image)?;
     write_atomically(path, |tmp| {
-        rgb.save_with_format(tmp, image::ImageFormat::Png)
-            .map_err(|e| io_error(path, e))
+        let file = std::fs::File::create(tmp).map_err(|e| io_error(path, e))?;
+        let mut encoder =
+            png::Encoder::new(std::io::BufWriter::new(file), rgb.width(), rgb.height());
+        encoder.set_color(png::ColorType::Rgb);
+        encoder.set_depth(png::BitDepth::Eight);
+        if let Some(text) = metadata {
+            encoder
+                .add_itxt_chunk(crate::provenance::PNG_KEYWORD.to_string(), text.to_string())
+                .map_err(|e| io_error(path, e))?;
+        }
+        let mut writer = encoder.write_header().map_err(|e| io_error(path, e))?;
+        writer
+            .write_image_data(rgb.as_raw())
+            .map_err(|e| io_error(path, e))?;
+        writer.finish().map_err(|e| io_error(path, e))
     })
 }
 

@@ -6,11 +6,11 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::error::{PipelineError, Result};
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Recipe {
     pub version: u32,
@@ -20,35 +20,46 @@ pub struct Recipe {
     pub images: BTreeMap<String, String>,
     #[serde(default)]
     pub nodes: BTreeMap<String, NodeSpec>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub outputs: Vec<OutputSpec>,
+    /// Written by ipcompose into the PNGs it makes: which version ran it, with which inputs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provenance: Option<Provenance>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Provenance {
+    pub ipcompose_version: String,
+    /// Input file → SHA-256 of its bytes.
+    pub inputs: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelSpec {
     pub kind: String,
     pub source: String,
     /// Hub revision (branch, tag or commit) when `source` is a hub id.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub revision: Option<String>,
     /// Weight file variant, e.g. `fp16` for `*.fp16.safetensors`.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub variant: Option<String>,
     /// IP-Adapters: the CLIP image encoder folder (e.g. h94/IP-Adapter `models/image_encoder`).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image_encoder: Option<String>,
     /// Single-file ControlNets: whether it pools its conditions (shuffle); folders say so in
     /// their config.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub global_pool: Option<bool>,
 }
 
 /// A node is a map with exactly one key naming what it does (`generate: {...}`).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct NodeSpec {
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub generate: Option<GenerateSpec>,
 }
 
@@ -64,41 +75,41 @@ impl NodeSpec {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct GenerateSpec {
     pub base: String,
     pub prompt: String,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub negative_prompt: Option<String>,
     /// `[width, height]` in pixels.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub size: Option<[usize; 2]>,
     #[serde(default = "default_steps")]
     pub steps: usize,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scheduler: Option<SchedulerSpec>,
     #[serde(default = "default_guidance", alias = "cfg")]
     pub guidance: f64,
     #[serde(default)]
     pub guidance_rescale: f64,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seed: Option<u64>,
     /// A safetensors file with key `latents`: the initial noise, before `init_noise_sigma`.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub latents: Option<String>,
     #[serde(default)]
     pub clip_skip: usize,
     /// Image prompts, any number, each with its own images and settings.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ip_adapters: Vec<IpAdapterSpec>,
     /// Structural conditions: ControlNets and T2I-Adapters.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub controls: Vec<ControlSpec>,
 }
 
 /// One ControlNet or T2I-Adapter in a `generate` node.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ControlSpec {
     /// A model of `kind: controlnet` or `kind: t2i-adapter`.
@@ -106,59 +117,59 @@ pub struct ControlSpec {
     /// The hint image (a name from `images:`).
     pub image: String,
     /// Conditioning scale (ControlNet) or adapter weight (T2I), default 1.0.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scale: Option<f64>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub start: Option<f64>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub end: Option<f64>,
     /// ControlNet guess mode.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub guess_mode: Option<bool>,
     /// T2I-Adapter: the fraction of steps it applies to (default 1.0).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub factor: Option<f64>,
     /// `resize` (stretch, default), `crop`, `fill`.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resize: Option<String>,
 }
 
 /// One IP-Adapter in a `generate` node.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct IpAdapterSpec {
     /// A model of `kind: ip-adapter`.
     pub model: String,
     /// One reference image (a name from `images:`) ...
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<String>,
     /// ... or several.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub images: Vec<String>,
     /// Or precomputed tokens from `ipcompose embed` (no image encoder is loaded).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub embeds: Option<String>,
     /// An image whose tokens replace the default negative (unconditional) tokens.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub negative_image: Option<String>,
     /// `concat` (default, as diffusers) or `average` for several images.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub combine: Option<String>,
     /// A number, `style`, `style-and-layout`, or `{down: {block_N: v | [v…]}, mid: v, up: …}`.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scale: Option<crate::ip_scale::ScaleSpec>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub start: Option<f64>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub end: Option<f64>,
     /// Regional prompt: a mask image name (white = where this adapter acts) ...
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mask: Option<String>,
     /// ... or one per image.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub masks: Vec<String>,
     /// How non-square references become square: `crop` (default), `pad`, `squash`.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fit: Option<String>,
 }
 
@@ -170,21 +181,21 @@ fn default_guidance() -> f64 {
 }
 
 /// `{kind: ddim, ...overrides of scheduler_config.json}`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct SchedulerSpec {
     pub kind: String,
     #[serde(flatten)]
     pub overrides: BTreeMap<String, serde_json::Value>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct OutputSpec {
     /// Writes the decoded image of this node as PNG.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<String>,
     /// Writes this node's final latents (before the VAE) as safetensors, key `latents`.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub latents: Option<String>,
     pub path: String,
 }

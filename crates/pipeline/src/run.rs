@@ -27,6 +27,8 @@ pub struct RunOptions {
     pub dtype: DType,
     /// Replace output files that already exist.
     pub overwrite: bool,
+    /// Text embedded in every PNG written (the resolved recipe; see `provenance`).
+    pub metadata: Option<String>,
 }
 
 impl Default for RunOptions {
@@ -35,6 +37,7 @@ impl Default for RunOptions {
             device: Device::Cpu,
             dtype: DType::F32,
             overwrite: false,
+            metadata: None,
         }
     }
 }
@@ -85,7 +88,9 @@ pub fn run_plan(
             ))
         })?;
         match output.kind {
-            OutputKind::Image => save_png(&generated.image, &output.path)?,
+            OutputKind::Image => {
+                save_png(&generated.image, &output.path, options.metadata.as_deref())?
+            }
             OutputKind::Latents => save_latents(&generated.latents, &output.path)?,
         }
         written.push(output.path.clone());
