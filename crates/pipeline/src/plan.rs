@@ -163,13 +163,8 @@ impl Plan {
                 continue;
             }
             if let Some(is_controlnet) = control_kind(&spec.kind) {
-                let source = base_dir.join(&spec.source);
-                if !source.exists() {
-                    return Err(cx.error(
-                        &["models", name, "source"],
-                        format!("`{}` not found", source.display()),
-                    ));
-                }
+                let source = resolve_model_source(&spec.source, spec.revision.as_deref(), base_dir)
+                    .map_err(|e| cx.error(&["models", name, "source"], e))?;
                 control_models.insert(
                     name.clone(),
                     ControlModelSource {
@@ -467,11 +462,12 @@ fn plan_ip_model(
     spec: &ModelSpec,
     base_dir: &Path,
 ) -> Result<IpModelPlan> {
-    let file = base_dir.join(&spec.source);
+    let file = resolve_model_source(&spec.source, spec.revision.as_deref(), base_dir)
+        .map_err(|e| cx.error(&["models", name, "source"], e))?;
     if !file.is_file() {
         return Err(cx.error(
             &["models", name, "source"],
-            format!("IP-Adapter file `{}` not found", file.display()),
+            format!("IP-Adapter source `{}` is not a file", file.display()),
         ));
     }
     let info = ipcompose_models::ip_adapter::inspect(&file)
@@ -479,7 +475,8 @@ fn plan_ip_model(
     let image_encoder = match &spec.image_encoder {
         None => None,
         Some(dir) => {
-            let dir = base_dir.join(dir);
+            let dir = resolve_model_source(dir, spec.revision.as_deref(), base_dir)
+                .map_err(|e| cx.error(&["models", name, "image_encoder"], e))?;
             let config = ipcompose_models::clip_vision::ClipVisionConfig::from_file(
                 &dir.join("config.json"),
             )
@@ -577,8 +574,8 @@ fn plan_ip_use(
         })
     };
     let mut images: Vec<PathBuf> = Vec::new();
-    if let Some(name) = &spec.image {
-        images.push(image("image", name)?);
+    for name in spec.image.iter().flat_map(|i| i.names()) {
+        images.push(image("image", &name)?);
     }
     for name in &spec.images {
         images.push(image("images", name)?);

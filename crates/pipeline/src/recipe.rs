@@ -134,15 +134,32 @@ pub struct ControlSpec {
     pub resize: Option<String>,
 }
 
+/// A name or a list of names.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(untagged)]
+pub enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl OneOrMany {
+    pub fn names(&self) -> Vec<String> {
+        match self {
+            OneOrMany::One(name) => vec![name.clone()],
+            OneOrMany::Many(names) => names.clone(),
+        }
+    }
+}
+
 /// One IP-Adapter in a `generate` node.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct IpAdapterSpec {
     /// A model of `kind: ip-adapter`.
     pub model: String,
-    /// One reference image (a name from `images:`) ...
+    /// One reference image (a name from `images:`), or a list of them ...
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub image: Option<String>,
+    pub image: Option<OneOrMany>,
     /// ... or several.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub images: Vec<String>,

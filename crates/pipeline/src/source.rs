@@ -30,7 +30,7 @@ fn looks_like_hub_id(source: &str) -> bool {
     valid(owner) && valid(name)
 }
 
-/// Resolves `source` (relative paths against `base_dir`) to a folder on disk.
+/// Resolves `source` (relative paths against `base_dir`) to a file or folder on disk.
 pub fn resolve_model_source(
     source: &str,
     revision: Option<&str>,
@@ -40,18 +40,40 @@ pub fn resolve_model_source(
     if local.exists() {
         return Ok(local);
     }
-    if !looks_like_hub_id(source) {
+    // `owner/name` is a repository; `owner/name/path/in/repo` a file or folder inside it
+    // (e.g. `h94/IP-Adapter/models/image_encoder`).
+    let mut parts = source.splitn(3, '/');
+    let repo = match (parts.next(), parts.next()) {
+        (Some(owner), Some(name)) => format!("{owner}/{name}"),
+        _ => String::new(),
+    };
+    let inside = parts.next();
+    if !looks_like_hub_id(&repo) || source.starts_with('.') || source.starts_with('/') {
         return Err(PipelineError::Plan(format!(
-            "model folder `{}` does not exist",
+            "`{}` does not exist",
             local.display()
         )));
     }
     let cache = hub_cache_dir().ok_or_else(|| {
         PipelineError::Plan(format!(
-            "`{source}` is not a local folder and no hub cache directory is known"
+            "`{source}` is not a local path and no hub cache directory is known"
         ))
     })?;
-    resolve_in_cache(&cache, source, revision.unwrap_or("main"))
+    let snapshot = resolve_in_cache(&cache, &repo, revision.unwrap_or("main"))?;
+    match inside {
+        None => Ok(snapshot),
+        Some(path) => {
+            let target = snapshot.join(path);
+            if target.exists() {
+                Ok(target)
+            } else {
+                Err(PipelineError::Plan(format!(
+                    "`{path}` is not in the cached snapshot of `{repo}` at {} (offline: download it first, e.g. `huggingface-cli download {repo} {path}`)",
+                    snapshot.display()
+                )))
+            }
+        }
+    }
 }
 
 /// The snapshot folder of `repo` at `revision` (a branch/tag name in `refs/`, or a commit hash).
@@ -107,6 +129,29 @@ mod tests {
         );
         assert_eq!(
             resolve_in_cache(&tmp, "org/model", "abc123").unwrap(),
+            repo.join("snapshots/abc123")
+        );
+        std::fs::create_dir_all(repo.join("snapshots/abc123/models")).unwrap();
+        std::fs::write(
+            repo.join("snapshots/abc123/models/adapter.safetensors"),
+            b"x",
+        )
+        .unwrap();
+        std::env::set_var("HF_HUB_CACHE", &tmp);
+        let base = std::path::Path::new("/nonexistent");
+        assert_eq!(
+            resolve_model_source("org/model/models/adapter.safetensors", None, base).unwrap(),
+            repo.join("snapshots/abc123/models/adapter.safetensors")
+        );
+        let missing = resolve_model_source("org/model/models/other.bin", None, base)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            missing.contains("models/other.bin") && missing.contains("offline"),
+            "{missing}"
+        );
+        assert_eq!(
+            resolve_model_source("org/model", None, base).unwrap(),
             repo.join("snapshots/abc123")
         );
         let err = resolve_in_cache(&tmp, "org/other", "main")

@@ -1,0 +1,919 @@
+//! `ipcompose bench`: how long the parts of a generation take on this machine, in the manner
+//! of llama-bench.
+//!
+//! The models are full-size SD1.5 ones (or, with `--tiny`, the test fixtures' tiny ones) built
+//! from their real configs with random weights. The weights are written to safetensors files in
+//! a temporary folder and loaded through the same loaders a recipe uses, so the models under
+//! test are exactly the ones `ipcompose run` builds, and `load` is a real load time (from the
+//! page cache: the files were just written).
+//!
+//! Every figure is `--warmup` untimed runs then `--repeats` timed ones. Its peak resident set
+//! size is the process's high-water mark (`VmHWM`) over the figure, reset just before it where
+//! Linux allows; it includes the models loaded at the time.
+
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use anyhow::Context;
+use candle_core::{DType, Device, Shape, Tensor};
+use candle_nn::var_builder::SimpleBackend;
+use candle_nn::{Init, VarBuilder};
+use ipcompose::models::controlnet::{ControlNetConfig, ControlNetModel};
+use ipcompose::models::ip_adapter::IpAdapter;
+use ipcompose::models::unet::{Injections, IpKeyValue, UNet2DConditionModel, UNetConfig};
+use ipcompose::models::vae::{Vae, VaeConfig};
+use ipcompose::models::weights::WeightStore;
+use ipcompose::pipeline::control::{controlnet_residuals, PreparedControlNet};
+use ipcompose::pipeline::generate::{denoise, Conditions, Guidance, TextConditioning};
+use ipcompose::pipeline::noise::SeededNoise;
+use ipcompose::schedulers::{build_scheduler, SchedulerConfig, SchedulerKind};
+
+/// `stable-diffusion-v1-5/stable-diffusion-v1-5`, `unet/config.json`.
+const SD15_UNET_CONFIG: &str = r#"{
+  "_class_name": "UNet2DConditionModel",
+  "_diffusers_version": "0.6.0",
+  "act_fn": "silu",
+  "attention_head_dim": 8,
+  "block_out_channels": [320, 640, 1280, 1280],
+  "center_input_sample": false,
+  "cross_attention_dim": 768,
+  "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+  "downsample_padding": 1,
+  "flip_sin_to_cos": true,
+  "freq_shift": 0,
+  "in_channels": 4,
+  "layers_per_block": 2,
+  "mid_block_scale_factor": 1,
+  "norm_eps": 1e-05,
+  "norm_num_groups": 32,
+  "out_channels": 4,
+  "sample_size": 64,
+  "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"]
+}"#;
+
+/// `lllyasviel/control_v11p_sd15_canny`, `config.json`.
+const SD15_CONTROLNET_CONFIG: &str = r#"{
+  "_class_name": "ControlNetModel",
+  "_diffusers_version": "0.16.0.dev0",
+  "act_fn": "silu",
+  "attention_head_dim": 8,
+  "block_out_channels": [320, 640, 1280, 1280],
+  "class_embed_type": null,
+  "conditioning_embedding_out_channels": [16, 32, 96, 256],
+  "controlnet_conditioning_channel_order": "rgb",
+  "cross_attention_dim": 768,
+  "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+  "downsample_padding": 1,
+  "flip_sin_to_cos": true,
+  "freq_shift": 0,
+  "global_pool_conditions": false,
+  "in_channels": 4,
+  "layers_per_block": 2,
+  "mid_block_scale_factor": 1,
+  "norm_eps": 1e-05,
+  "norm_num_groups": 32,
+  "num_class_embeds": null,
+  "only_cross_attention": false,
+  "projection_class_embeddings_input_dim": null,
+  "resnet_time_scale_shift": "default",
+  "upcast_attention": false,
+  "use_linear_projection": false
+}"#;
+
+/// `stable-diffusion-v1-5/stable-diffusion-v1-5`, `vae/config.json`.
+const SD15_VAE_CONFIG: &str = r#"{
+  "_class_name": "AutoencoderKL",
+  "_diffusers_version": "0.6.0",
+  "act_fn": "silu",
+  "block_out_channels": [128, 256, 512, 512],
+  "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D", "DownEncoderBlock2D", "DownEncoderBlock2D"],
+  "in_channels": 3,
+  "latent_channels": 4,
+  "layers_per_block": 2,
+  "norm_num_groups": 32,
+  "out_channels": 3,
+  "sample_size": 512,
+  "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D"]
+}"#;
+
+/// `stable-diffusion-v1-5/stable-diffusion-v1-5`, `scheduler/scheduler_config.json` (used as
+/// DDIM, the recipes' default).
+const SD15_SCHEDULER_CONFIG: &str = r#"{
+  "_class_name": "PNDMScheduler",
+  "_diffusers_version": "0.6.0",
+  "beta_end": 0.012,
+  "beta_schedule": "scaled_linear",
+  "beta_start": 0.00085,
+  "num_train_timesteps": 1000,
+  "set_alpha_to_one": false,
+  "skip_prk_steps": true,
+  "steps_offset": 1,
+  "trained_betas": null,
+  "clip_sample": false
+}"#;
+
+/// The tiny test models: the same block structure at a fraction of the width.
+const TINY_UNET_CONFIG: &str = include_str!("../../../tests/fixtures/tiny-sd15/unet/config.json");
+const TINY_CONTROLNET_CONFIG: &str =
+    include_str!("../../../tests/fixtures/controlnet/tiny-canny/config.json");
+const TINY_VAE_CONFIG: &str = include_str!("../../../tests/fixtures/tiny-sd15/vae/config.json");
+
+/// Text tokens of the CLIP context, as every SD1.x prompt has after padding.
+const TEXT_TOKENS: usize = 77;
+/// Image tokens of a plain IP-Adapter (`ImageProjModel` of ip-adapter_sd15).
+const IP_TOKENS: usize = 4;
+/// A mid-schedule timestep; the cost of a step does not depend on it.
+const TIMESTEP: f64 = 500.0;
+const GUIDANCE_SCALE: f64 = 7.5;
+
+struct ModelSizes {
+    description: &'static str,
+    unet: &'static str,
+    controlnet: &'static str,
+    vae: &'static str,
+    /// Width of the CLIP image embedding a plain IP-Adapter projects (ViT-H/14: 1024).
+    image_embedding_width: usize,
+}
+
+const FULL_SIZE: ModelSizes = ModelSizes {
+    description: "SD1.5 full size (UNet 320/640/1280/1280, ControlNet canny v1.1, ip-adapter_sd15)",
+    unet: SD15_UNET_CONFIG,
+    controlnet: SD15_CONTROLNET_CONFIG,
+    vae: SD15_VAE_CONFIG,
+    image_embedding_width: 1024,
+};
+
+const TINY: ModelSizes = ModelSizes {
+    description: "tiny test models (tests/fixtures)",
+    unet: TINY_UNET_CONFIG,
+    controlnet: TINY_CONTROLNET_CONFIG,
+    vae: TINY_VAE_CONFIG,
+    image_embedding_width: 32,
+};
+
+/// What can be measured. The declaration order is the order of measurement: `cn_skipped`
+/// follows `unet_step_cn1` so that its saving can be stated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum)]
+pub enum Figure {
+    /// Loading the UNet from safetensors.
+    #[value(name = "load")]
+    Load,
+    /// One UNet forward.
+    #[value(name = "unet_step")]
+    UnetStep,
+    /// One UNet forward with one plain IP-Adapter (keys/values precomputed).
+    #[value(name = "unet_step_ip")]
+    UnetStepIp,
+    /// One ControlNet forward plus the UNet forward with its residuals.
+    #[value(name = "unet_step_cn1")]
+    UnetStepCn1,
+    /// A step whose ControlNet is outside its window (not run at all).
+    #[value(name = "cn_skipped")]
+    CnSkipped,
+    /// Two ControlNet forwards, residuals summed, plus the UNet forward.
+    #[value(name = "unet_step_cn2")]
+    UnetStepCn2,
+    /// A whole `--steps`-step run through the denoising loop plus the VAE decode.
+    #[value(name = "run_20", alias = "run")]
+    Run,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct BenchArgs {
+    /// Timed runs per figure.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+    repeats: u32,
+    /// Untimed runs before the timed ones, per figure.
+    #[arg(long, default_value_t = 1)]
+    warmup: u32,
+    /// Figures to measure, comma separated. `run_20` (a whole run, `--steps` steps) is not in
+    /// the default list: at full size on a CPU it takes many minutes per repeat.
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "load,unet_step,unet_step_ip,unet_step_cn1,cn_skipped,unet_step_cn2"
+    )]
+    figures: Vec<Figure>,
+    /// One JSON object per line (name, median_s, min_s, max_s, repeats, peak_rss_bytes, …)
+    /// instead of a table.
+    #[arg(long)]
+    json: bool,
+    /// Threads for candle's CPU kernels: sets RAYON_NUM_THREADS and CANDLE_NUM_THREADS before
+    /// the first tensor operation starts the thread pool. Default: those variables, else all
+    /// cores.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    threads: Option<u32>,
+    /// Image width in pixels (multiple of 8). Default: the UNet's sample size × 8 (512).
+    #[arg(long)]
+    width: Option<usize>,
+    /// Image height in pixels (multiple of 8). Default: the UNet's sample size × 8 (512).
+    #[arg(long)]
+    height: Option<usize>,
+    /// Denoising steps of `run_20`.
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..))]
+    steps: u32,
+    /// Use the tiny test models instead of full-size SD1.5 (for smoke tests; seconds).
+    #[arg(long)]
+    tiny: bool,
+}
+
+/// One measured figure.
+struct Measurement {
+    name: String,
+    times: Vec<f64>,
+    peak_rss_bytes: Option<u64>,
+    /// `cn_skipped` only: how many times longer the same step takes with the ControlNet run.
+    saving_ratio: Option<f64>,
+}
+
+impl Measurement {
+    fn median(&self) -> f64 {
+        let mut sorted = self.times.clone();
+        sorted.sort_by(f64::total_cmp);
+        let n = sorted.len();
+        if n % 2 == 1 {
+            sorted[n / 2]
+        } else {
+            (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0
+        }
+    }
+
+    fn min(&self) -> f64 {
+        self.times.iter().copied().fold(f64::INFINITY, f64::min)
+    }
+
+    fn max(&self) -> f64 {
+        self.times.iter().copied().fold(f64::NEG_INFINITY, f64::max)
+    }
+}
+
+/// Settings every figure line repeats, so one line stands on its own.
+struct RunInfo {
+    threads: usize,
+    width: usize,
+    height: usize,
+    steps: usize,
+    warmup: u32,
+    tiny: bool,
+}
+
+pub fn run(args: BenchArgs) -> anyhow::Result<()> {
+    if let Some(threads) = args.threads {
+        // candle reads these when it starts its pool and sizes each parallel kernel by them;
+        // nothing has touched a tensor yet, so both take effect.
+        std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
+        std::env::set_var("CANDLE_NUM_THREADS", threads.to_string());
+    }
+    let sizes = if args.tiny { &TINY } else { &FULL_SIZE };
+    let mut figures = args.figures.clone();
+    figures.sort();
+    figures.dedup();
+
+    let scratch = ScratchDir::create()?;
+    let files = ModelFiles::write(scratch.path(), sizes, &figures)?;
+    let vae_config = VaeConfig::from_file(&files.vae.join("config.json"))?;
+    let latent_factor = vae_config.downscale_factor();
+    let default_side = files.unet_config.sample_size.unwrap_or(64) * latent_factor;
+    let width = args.width.unwrap_or(default_side);
+    let height = args.height.unwrap_or(default_side);
+    if width == 0 || height == 0 || width % latent_factor != 0 || height % latent_factor != 0 {
+        anyhow::bail!("--width and --height must be positive multiples of {latent_factor}");
+    }
+    let info = RunInfo {
+        threads: candle_core::utils::get_num_threads(),
+        width,
+        height,
+        steps: args.steps as usize,
+        warmup: args.warmup,
+        tiny: args.tiny,
+    };
+    let peak_resets = reset_peak_rss();
+    if !args.json {
+        println!(
+            "ipcompose bench: {}, {width}x{height} (latents {}x{}), CFG batch 2, {TEXT_TOKENS} \
+             text tokens, fp32 on the CPU, {} thread(s), {} warm-up + {} timed run(s) per figure",
+            sizes.description,
+            width / latent_factor,
+            height / latent_factor,
+            info.threads,
+            args.warmup,
+            args.repeats
+        );
+        if !peak_resets {
+            println!("note: the peak RSS could not be reset per figure: each is the process's peak so far");
+        }
+    }
+
+    let bench = Bench {
+        files: &files,
+        sizes,
+        latent: (height / latent_factor, width / latent_factor),
+        warmup: args.warmup,
+        repeats: args.repeats,
+        json: args.json,
+        info: &info,
+    };
+    let measurements = bench.measure_all(&figures)?;
+    if !args.json {
+        print_table(&measurements);
+    }
+    Ok(())
+}
+
+/// The inputs of one guided step, shared by the step figures.
+struct StepInputs {
+    /// `[2, C, h, w]`: the latents twice, as the loop feeds them under guidance.
+    model_input: Tensor,
+    /// `[2, 77, D]`: uncond and cond text.
+    context: Tensor,
+    /// `[1, 3, H, W]` in [0, 1].
+    hint: Tensor,
+}
+
+struct Bench<'a> {
+    files: &'a ModelFiles,
+    sizes: &'a ModelSizes,
+    /// `(h, w)` of the latents.
+    latent: (usize, usize),
+    warmup: u32,
+    repeats: u32,
+    json: bool,
+    info: &'a RunInfo,
+}
+
+impl Bench<'_> {
+    fn measure_all(&self, figures: &[Figure]) -> anyhow::Result<Vec<Measurement>> {
+        let device = Device::Cpu;
+        let mut done = Vec::new();
+        if figures.contains(&Figure::Load) {
+            let m = self.measure("load", || {
+                let unet = self.files.load_unet()?;
+                drop(unet);
+                Ok(None)
+            })?;
+            self.report(m, &mut done);
+        }
+        let step_figures = figures.iter().any(|f| *f != Figure::Load);
+        if !step_figures {
+            return Ok(done);
+        }
+        let unet = self.files.load_unet()?;
+        let inputs = self.step_inputs(&unet, &device)?;
+        let no_ip: Vec<Vec<IpKeyValue>> = Vec::new();
+
+        if figures.contains(&Figure::UnetStep) {
+            let m = self.measure("unet_step", || {
+                let out = unet.forward(
+                    &inputs.model_input,
+                    TIMESTEP,
+                    &inputs.context,
+                    &Injections::default(),
+                )?;
+                Ok(Some(out))
+            })?;
+            self.report(m, &mut done);
+        }
+
+        if figures.contains(&Figure::UnetStepIp) {
+            let ip_layers = self.ip_injections(&unet, &device)?;
+            let m = self.measure("unet_step_ip", || {
+                let injections = Injections {
+                    ip_layers: &ip_layers,
+                    ..Injections::default()
+                };
+                let out =
+                    unet.forward(&inputs.model_input, TIMESTEP, &inputs.context, &injections)?;
+                Ok(Some(out))
+            })?;
+            self.report(m, &mut done);
+        }
+
+        let controlnet_figures = [Figure::UnetStepCn1, Figure::CnSkipped, Figure::UnetStepCn2];
+        if figures.iter().any(|f| controlnet_figures.contains(f)) {
+            let first = Rc::new(self.files.load_controlnet()?);
+            let whole_run = self.prepared_controlnet(&first, &inputs, 1.0);
+            let steps = self.info.steps;
+            // A step is measured as the loop runs it: the ControlNets through the pipeline's
+            // own `controlnet_residuals` (which skips those outside their window), then the UNet.
+            let step = |controlnets: &[PreparedControlNet], step_index: usize| {
+                let residuals = controlnet_residuals(
+                    controlnets,
+                    step_index,
+                    steps,
+                    &inputs.model_input,
+                    TIMESTEP,
+                    &inputs.context,
+                    true,
+                )?;
+                let injections = Injections {
+                    ip_layers: &no_ip,
+                    down_residuals: residuals.as_ref().map(|(down, _)| down.as_slice()),
+                    mid_residual: residuals.as_ref().map(|(_, mid)| mid),
+                    down_block_features: None,
+                };
+                let out =
+                    unet.forward(&inputs.model_input, TIMESTEP, &inputs.context, &injections)?;
+                anyhow::Ok(Some(out))
+            };
+            let mut cn1_median = None;
+            if figures.contains(&Figure::UnetStepCn1) {
+                let controlnets = [whole_run];
+                let m = self.measure("unet_step_cn1", || step(&controlnets, 0))?;
+                cn1_median = Some(m.median());
+                self.report(m, &mut done);
+            }
+            if figures.contains(&Figure::CnSkipped) {
+                // Active for the first half only, measured at the last step.
+                let first_half = self.prepared_controlnet(&first, &inputs, 0.5);
+                let controlnets = [first_half];
+                let mut m = self.measure("cn_skipped", || step(&controlnets, steps - 1))?;
+                m.saving_ratio = cn1_median.map(|cn1| cn1 / m.median());
+                self.report(m, &mut done);
+            }
+            if figures.contains(&Figure::UnetStepCn2) {
+                // A second model with its own weights, as two different ControlNets would be.
+                let second = Rc::new(self.files.load_controlnet()?);
+                let controlnets = [
+                    self.prepared_controlnet(&first, &inputs, 1.0),
+                    self.prepared_controlnet(&second, &inputs, 1.0),
+                ];
+                let m = self.measure("unet_step_cn2", || step(&controlnets, 0))?;
+                self.report(m, &mut done);
+            }
+        }
+
+        if figures.contains(&Figure::Run) {
+            let vae_dir = &self.files.vae;
+            let vae_config = VaeConfig::from_file(&vae_dir.join("config.json"))?;
+            let vb =
+                WeightStore::open(&[vae_dir.join(WEIGHTS_FILE)])?.var_builder(DType::F32, &device);
+            let vae = Vae::new(vb, &vae_config)?;
+            let scheduler_config = SchedulerConfig::from_json_str(SD15_SCHEDULER_CONFIG)?;
+            let (h, w) = self.latent;
+            let in_channels = unet.config().in_channels;
+            let init = Tensor::randn(0f32, 1f32, (1, in_channels, h, w), &device)?;
+            let text = TextConditioning {
+                context: inputs.context.clone(),
+                guided: true,
+                guidance: Guidance {
+                    scale: GUIDANCE_SCALE,
+                    rescale: 0.0,
+                },
+            };
+            let name = format!("run_{}", self.info.steps);
+            let m = self.measure(&name, || {
+                let mut scheduler =
+                    build_scheduler(SchedulerKind::Ddim, &scheduler_config, self.info.steps)?;
+                let mut noise = SeededNoise::new(0);
+                let latents = denoise(
+                    &unet,
+                    scheduler.as_mut(),
+                    &init,
+                    &text,
+                    &Conditions::default(),
+                    &mut noise,
+                    &mut |_| {},
+                )?;
+                Ok(Some(vae.decode_to_unit(&latents)?))
+            })?;
+            self.report(m, &mut done);
+        }
+        Ok(done)
+    }
+
+    fn step_inputs(
+        &self,
+        unet: &UNet2DConditionModel,
+        device: &Device,
+    ) -> anyhow::Result<StepInputs> {
+        let config = unet.config();
+        let (h, w) = self.latent;
+        let latents = Tensor::randn(0f32, 1f32, (1, config.in_channels, h, w), device)?;
+        let model_input = Tensor::cat(&[&latents, &latents], 0)?;
+        let context = Tensor::randn(
+            0f32,
+            1f32,
+            (2, TEXT_TOKENS, config.cross_attention_dim),
+            device,
+        )?;
+        let hint = Tensor::rand(
+            0f32,
+            1f32,
+            (1, 3, self.info.height, self.info.width),
+            device,
+        )?;
+        Ok(StepInputs {
+            model_input,
+            context,
+            hint,
+        })
+    }
+
+    /// Every layer's image keys/values for CFG batch 2, computed once as the pipeline does:
+    /// the projection of a zero embedding (diffusers' negative) and of a random one.
+    fn ip_injections(
+        &self,
+        unet: &UNet2DConditionModel,
+        device: &Device,
+    ) -> anyhow::Result<Vec<Vec<IpKeyValue>>> {
+        let adapter = IpAdapter::load(&self.files.ip_adapter, DType::F32, device)?;
+        if adapter.info().layer_channels.len() != unet.config().cross_attention_layers() {
+            anyhow::bail!("the generated IP-Adapter does not fit the UNet");
+        }
+        let embedding = Tensor::randn(0f32, 1f32, (1, self.sizes.image_embedding_width), device)?;
+        let positive = adapter.image_tokens(&embedding)?;
+        let negative = adapter.image_tokens(&embedding.zeros_like()?)?;
+        let tokens = Tensor::cat(&[&negative, &positive], 0)?;
+        Ok(adapter
+            .layer_key_values(&tokens)?
+            .into_iter()
+            .map(|(key, value)| {
+                vec![IpKeyValue {
+                    key,
+                    value,
+                    scale: 1.0,
+                    mask: None,
+                }]
+            })
+            .collect())
+    }
+
+    fn prepared_controlnet(
+        &self,
+        model: &Rc<ControlNetModel>,
+        inputs: &StepInputs,
+        end: f64,
+    ) -> PreparedControlNet {
+        PreparedControlNet {
+            model: Rc::clone(model),
+            hint: inputs.hint.clone(),
+            scale: 1.0,
+            start: 0.0,
+            end,
+            guess_mode: false,
+        }
+    }
+
+    /// Runs `once` `warmup` times untimed, then `repeats` times timed.
+    fn measure(
+        &self,
+        name: &str,
+        mut once: impl FnMut() -> anyhow::Result<Option<Tensor>>,
+    ) -> anyhow::Result<Measurement> {
+        if !self.json {
+            eprintln!(
+                "measuring {name} ({} warm-up + {} timed)…",
+                self.warmup, self.repeats
+            );
+        }
+        reset_peak_rss();
+        for _ in 0..self.warmup {
+            once().with_context(|| format!("{name} (warm-up)"))?;
+        }
+        let mut times = Vec::with_capacity(self.repeats as usize);
+        let mut last = None;
+        for _ in 0..self.repeats {
+            let started = Instant::now();
+            last = once().with_context(|| name.to_string())?;
+            times.push(started.elapsed().as_secs_f64());
+        }
+        let peak_rss_bytes = peak_rss_bytes();
+        // Random weights can in principle overflow; say so rather than time NaN arithmetic
+        // silently.
+        if let Some(out) = last {
+            let total: f32 = out.abs()?.sum_all()?.to_scalar()?;
+            if !total.is_finite() {
+                eprintln!("warning: {name}: the output is not finite (random weights)");
+            }
+        }
+        let measurement = Measurement {
+            name: name.to_string(),
+            times,
+            peak_rss_bytes,
+            saving_ratio: None,
+        };
+        Ok(measurement)
+    }
+
+    /// Shows a finished figure at once (a JSON line, or progress on stderr), so a long
+    /// benchmark reports its figures as they come.
+    fn report(&self, measurement: Measurement, done: &mut Vec<Measurement>) {
+        if self.json {
+            println!("{}", self.json_line(&measurement));
+        } else {
+            eprintln!("  median {:.3} s", measurement.median());
+        }
+        done.push(measurement);
+    }
+
+    fn json_line(&self, m: &Measurement) -> String {
+        let mut line = serde_json::json!({
+            "tool": "ipcompose",
+            "name": m.name,
+            "median_s": m.median(),
+            "min_s": m.min(),
+            "max_s": m.max(),
+            "repeats": m.times.len(),
+            "warmup": self.info.warmup,
+            "peak_rss_bytes": m.peak_rss_bytes,
+            "threads": self.info.threads,
+            "width": self.info.width,
+            "height": self.info.height,
+            "tiny": self.info.tiny,
+        });
+        if m.name.starts_with("run_") {
+            line["steps"] = self.info.steps.into();
+        }
+        if let Some(ratio) = m.saving_ratio {
+            line["cn1_over_skipped"] = ratio.into();
+        }
+        line.to_string()
+    }
+}
+
+fn print_table(measurements: &[Measurement]) {
+    println!();
+    println!(
+        "{:<15} {:>10} {:>10} {:>10} {:>8} {:>12}",
+        "figure", "median s", "min s", "max s", "repeats", "peak RSS"
+    );
+    for m in measurements {
+        let peak = m
+            .peak_rss_bytes
+            .map(|b| format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64))
+            .unwrap_or_else(|| "n/a".to_string());
+        println!(
+            "{:<15} {:>10.3} {:>10.3} {:>10.3} {:>8} {:>12}",
+            m.name,
+            m.median(),
+            m.min(),
+            m.max(),
+            m.times.len(),
+            peak
+        );
+    }
+    for m in measurements {
+        if let Some(ratio) = m.saving_ratio {
+            println!(
+                "cn_skipped: outside its window the ControlNet is not run; the step costs {:.3} s \
+                 instead of {:.3} s ({ratio:.2}x faster)",
+                m.median(),
+                m.median() * ratio
+            );
+        }
+    }
+}
+
+/// Clears the kernel's peak-RSS record (Linux ≥ 4.0); false where that is not possible.
+fn reset_peak_rss() -> bool {
+    std::fs::write("/proc/self/clear_refs", "5").is_ok()
+}
+
+/// `VmHWM` of this process in bytes (Linux), the peak resident set size.
+fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line
+        .trim_start_matches("VmHWM:")
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kib * 1024)
+}
+
+/// A temporary folder for the generated weights, removed when the benchmark ends.
+struct ScratchDir(PathBuf);
+
+impl ScratchDir {
+    fn create() -> anyhow::Result<Self> {
+        let path = std::env::temp_dir().join(format!("ipcompose-bench-{}", std::process::id()));
+        std::fs::create_dir_all(&path).with_context(|| format!("creating {}", path.display()))?;
+        Ok(Self(path))
+    }
+
+    fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+const WEIGHTS_FILE: &str = "diffusion_pytorch_model.safetensors";
+
+/// The generated model files, laid out as diffusers folders.
+struct ModelFiles {
+    unet: PathBuf,
+    unet_config: UNetConfig,
+    controlnet: PathBuf,
+    vae: PathBuf,
+    ip_adapter: PathBuf,
+}
+
+impl ModelFiles {
+    /// Writes the configs, and random weights for the models `figures` need.
+    fn write(root: &Path, sizes: &ModelSizes, figures: &[Figure]) -> anyhow::Result<Self> {
+        let folder = |name: &str, config: &str| -> anyhow::Result<PathBuf> {
+            let dir = root.join(name);
+            std::fs::create_dir_all(&dir)?;
+            std::fs::write(dir.join("config.json"), config)?;
+            Ok(dir)
+        };
+        let unet = folder("unet", sizes.unet)?;
+        let controlnet = folder("controlnet", sizes.controlnet)?;
+        let vae = folder("vae", sizes.vae)?;
+        let ip_adapter = root.join("ip-adapter.safetensors");
+        let unet_config = UNetConfig::from_file(&unet.join("config.json"))?;
+
+        // Every figure but `load` needs the UNet, and `load` needs it too.
+        write_random_weights(&unet.join(WEIGHTS_FILE), |vb| {
+            UNet2DConditionModel::new(vb, &unet_config).map(drop)
+        })?;
+        let needs_controlnet = figures.iter().any(|f| {
+            matches!(
+                f,
+                Figure::UnetStepCn1 | Figure::CnSkipped | Figure::UnetStepCn2
+            )
+        });
+        if needs_controlnet {
+            let config = ControlNetConfig::from_folder(&controlnet)?;
+            write_random_weights(&controlnet.join(WEIGHTS_FILE), |vb| {
+                ControlNetModel::new(vb, &config).map(drop)
+            })?;
+        }
+        if figures.contains(&Figure::Run) {
+            let config = VaeConfig::from_file(&vae.join("config.json"))?;
+            write_random_weights(&vae.join(WEIGHTS_FILE), |vb| {
+                Vae::new(vb, &config).map(drop)
+            })?;
+        }
+        if figures.contains(&Figure::UnetStepIp) {
+            write_ip_adapter(&ip_adapter, &unet_config, sizes.image_embedding_width)?;
+        }
+        Ok(Self {
+            unet,
+            unet_config,
+            controlnet,
+            vae,
+            ip_adapter,
+        })
+    }
+
+    /// The UNet as `DiffusersFolder::load_unet` loads it: one memory-mapped safetensors file
+    /// behind ipcompose's weight store, copied into the model's tensors.
+    fn load_unet(&self) -> anyhow::Result<UNet2DConditionModel> {
+        let config = UNetConfig::from_file(&self.unet.join("config.json"))?;
+        let vb = WeightStore::open(&[self.unet.join(WEIGHTS_FILE)])?
+            .var_builder(DType::F32, &Device::Cpu);
+        Ok(UNet2DConditionModel::new(vb, &config)?)
+    }
+
+    fn load_controlnet(&self) -> anyhow::Result<ControlNetModel> {
+        let config = ControlNetConfig::from_folder(&self.controlnet)?;
+        Ok(ControlNetModel::load_folder(
+            &self.controlnet,
+            &config,
+            None,
+            DType::F32,
+            &Device::Cpu,
+        )?)
+    }
+}
+
+/// The tensors a model asks its `VarBuilder` for, with the initialisation candle-nn would use.
+#[derive(Clone, Default)]
+struct TensorRecorder(Arc<Mutex<BTreeMap<String, (Vec<usize>, Init)>>>);
+
+impl SimpleBackend for TensorRecorder {
+    fn get(
+        &self,
+        shape: Shape,
+        name: &str,
+        init: Init,
+        dtype: DType,
+        device: &Device,
+    ) -> candle_core::Result<Tensor> {
+        self.0
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("tensor recorder poisoned".to_string()))?
+            .insert(name.to_string(), (shape.dims().to_vec(), init));
+        // A broadcast scalar has the right shape without the memory: this model is built only
+        // to learn its tensor names and shapes.
+        Tensor::zeros((), dtype, device)?.broadcast_as(shape)
+    }
+
+    fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> candle_core::Result<Tensor> {
+        candle_core::bail!("the tensor recorder needs a shape for `{name}`")
+    }
+
+    fn contains_tensor(&self, _: &str) -> bool {
+        // As candle's `Zeros` backend: models that probe for alternative names take the
+        // current diffusers ones.
+        true
+    }
+}
+
+/// A tensor whose random values are drawn only when the file writer asks for them, so a model
+/// file of any size is written with one tensor in memory at a time.
+struct RandomTensor {
+    shape: Vec<usize>,
+    init: Init,
+}
+
+impl safetensors::View for RandomTensor {
+    fn dtype(&self) -> safetensors::Dtype {
+        safetensors::Dtype::F32
+    }
+
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    fn data(&self) -> Cow<'_, [u8]> {
+        // `View::data` cannot fail; initialising a CPU tensor of a valid shape does not either.
+        let values = self
+            .init
+            .var(self.shape.as_slice(), DType::F32, &Device::Cpu)
+            .and_then(|v| v.as_tensor().flatten_all()?.to_vec1::<f32>())
+            .expect("initialising a random CPU tensor");
+        Cow::Owned(values.iter().flat_map(|v| v.to_le_bytes()).collect())
+    }
+
+    fn data_len(&self) -> usize {
+        self.shape.iter().product::<usize>() * std::mem::size_of::<f32>()
+    }
+}
+
+/// Builds a model against a recorder to learn its tensors, then writes them with random values.
+fn write_random_weights(
+    path: &Path,
+    build: impl FnOnce(VarBuilder<'static>) -> candle_core::Result<()>,
+) -> anyhow::Result<()> {
+    let recorder = TensorRecorder::default();
+    let vb = VarBuilder::from_backend(Box::new(recorder.clone()), DType::F32, Device::Cpu);
+    build(vb).with_context(|| format!("building the model for {}", path.display()))?;
+    let tensors = std::mem::take(
+        &mut *recorder
+            .0
+            .lock()
+            .map_err(|_| anyhow::anyhow!("tensor recorder poisoned"))?,
+    );
+    write_tensors(path, tensors)
+}
+
+fn write_tensors(path: &Path, tensors: BTreeMap<String, (Vec<usize>, Init)>) -> anyhow::Result<()> {
+    let views = tensors
+        .into_iter()
+        .map(|(name, (shape, init))| (name, RandomTensor { shape, init }));
+    safetensors::serialize_to_file(views, None, path)
+        .with_context(|| format!("writing {}", path.display()))
+}
+
+/// An ip-adapter_sd15-shaped file: `ImageProjModel` (embedding → 4 tokens, layer norm) and a
+/// `to_k_ip` / `to_v_ip` pair for every cross-attention layer, keys numbered 1, 3, 5, … as
+/// diffusers' `attn_processors` order has them.
+fn write_ip_adapter(
+    path: &Path,
+    unet: &UNetConfig,
+    image_embedding_width: usize,
+) -> anyhow::Result<()> {
+    let width = unet.cross_attention_dim;
+    let kaiming = candle_nn::init::DEFAULT_KAIMING_NORMAL;
+    let mut tensors = BTreeMap::new();
+    tensors.insert(
+        "image_proj.proj.weight".to_string(),
+        (vec![IP_TOKENS * width, image_embedding_width], kaiming),
+    );
+    tensors.insert(
+        "image_proj.proj.bias".to_string(),
+        (vec![IP_TOKENS * width], Init::Const(0.0)),
+    );
+    tensors.insert(
+        "image_proj.norm.weight".to_string(),
+        (vec![width], Init::Const(1.0)),
+    );
+    tensors.insert(
+        "image_proj.norm.bias".to_string(),
+        (vec![width], Init::Const(0.0)),
+    );
+    for (i, layer) in unet.cross_attention_layout().iter().enumerate() {
+        let key = 2 * i + 1;
+        for projection in ["to_k_ip", "to_v_ip"] {
+            tensors.insert(
+                format!("ip_adapter.{key}.{projection}.weight"),
+                (vec![layer.channels, width], kaiming),
+            );
+        }
+    }
+    write_tensors(path, tensors)
+}
