@@ -316,3 +316,14 @@ fn averaging_identical_images_equals_one_image() {
     assert!(max_abs_diff(&with_negative[0].0, &with_negative[0].1) < 1e-5);
     assert!(max_abs_diff(&one[0].1, &with_negative[0].1) > 1e-3);
 }
+
+#[test]
+fn plain_adapter_without_guidance() {
+    // guidance 1.0: the conditional batch only, so no negative image tokens at all.
+    run_generate_case(
+        "ipa_plain_g1",
+        &adapter_model("ipa", PLAIN),
+        &images(),
+        "      guidance: 1.0\n      ip_adapters:\n        - {model: ipa, image: ref_a, scale: 0.6}",
+    );
+}

@@ -76,7 +76,8 @@ pub const PIPELINE_TOLERANCE: f32 = 5e-4;
 
 /// Writes and runs a recipe for the diffusers case `reference/{case}.safetensors` (the
 /// tiny SD1.5 base, the case's prompt, DDIM 4 steps, CFG 7.5, its initial latents) with
-/// extra models, images and `generate` keys; checks and returns the final latents.
+/// extra models, images and `generate` keys (which may replace `guidance`); checks and
+/// returns the final latents.
 pub fn run_generate_case(
     case: &str,
     models_yaml: &str,
@@ -108,13 +109,18 @@ nodes:
       size: [128, 128]
       steps: 4
       scheduler: {{kind: ddim}}
-      guidance: 7.5
-      latents: init.safetensors
+{guidance}      latents: init.safetensors
 {generate_yaml}
 outputs:
   - {{latents: gen, path: out.safetensors}}
 "#,
         base = fx("tiny-sd15"),
+        // Cases may set their own guidance; the fixtures' default is 7.5.
+        guidance = if generate_yaml.contains("      guidance:") {
+            ""
+        } else {
+            "      guidance: 7.5\n"
+        },
     );
     let path = dir.join("recipe.yaml");
     std::fs::write(&path, &text).unwrap();
