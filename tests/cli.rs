@@ -251,3 +251,76 @@ fn png_carries_the_recipe_and_from_reruns_it() {
         "{stderr}"
     );
 }
+
+#[test]
+fn single_file_checkpoint_equals_its_folder_twin() {
+    for file in ["tiny-sd15.safetensors", "tiny-sd15.ckpt"] {
+        let (dir, recipe) = workspace(&format!("cli-single-{file}"));
+        let source = fixtures().join("single-file").join(file);
+        let set_source = format!("models.base.source={}", source.display());
+        let set_config = format!(
+            "models.base.config={}",
+            fixtures().join("tiny-sd15").display()
+        );
+        let (ok, _, stderr) = ipcompose(&[
+            "run",
+            recipe.to_str().unwrap(),
+            "--quiet",
+            "--set",
+            &set_source,
+            "--set",
+            &set_config,
+        ]);
+        assert!(ok, "{file}: {stderr}");
+        let single = candle_core::safetensors::load(
+            dir.join("recipes/out/house-latents.safetensors"),
+            &candle_core::Device::Cpu,
+        )
+        .unwrap();
+        let (twin_dir, twin_recipe) = workspace(&format!("cli-twin-{file}"));
+        let (ok, _, stderr) = ipcompose(&["run", twin_recipe.to_str().unwrap(), "--quiet"]);
+        assert!(ok, "{stderr}");
+        let folder = candle_core::safetensors::load(
+            twin_dir.join("recipes/out/house-latents.safetensors"),
+            &candle_core::Device::Cpu,
+        )
+        .unwrap();
+        let diff: f32 = (&single["latents"] - &folder["latents"])
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        assert_eq!(
+            diff, 0.0,
+            "{file}: single file and folder must give identical latents"
+        );
+    }
+    // Without a config source (and no hub cache), the error says what is needed.
+    let (dir, recipe) = workspace("cli-single-noconfig");
+    let set_source = format!(
+        "models.base.source={}",
+        fixtures()
+            .join("single-file/tiny-sd15.safetensors")
+            .display()
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_ipcompose"))
+        .args([
+            "run",
+            recipe.to_str().unwrap(),
+            "--quiet",
+            "--set",
+            &set_source,
+        ])
+        .env("HF_HUB_CACHE", dir.join("empty-cache"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("config: FOLDER"),
+        "{stderr}"
+    );
+    assert!(outputs(&dir).is_empty());
+}

@@ -10,6 +10,7 @@ pub mod error;
 pub mod folder;
 pub mod ip_adapter;
 pub mod single_file;
+pub mod single_file_base;
 pub mod t2i_adapter;
 pub mod unet;
 pub mod vae;

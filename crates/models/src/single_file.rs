@@ -324,7 +324,15 @@ impl SimpleBackend for RenamedWeights {
         dtype: DType,
         dev: &Device,
     ) -> candle_core::Result<Tensor> {
-        let tensor = self.get_unchecked(name, dtype, dev)?;
+        let mut tensor = self.get_unchecked(name, dtype, dev)?;
+        // Original VAE attention projections are 1×1 convolutions ([C, C, 1, 1]) where
+        // diffusers has linear layers ([C, C]): the same numbers, one reshape.
+        let squeezable = tensor.dims().len() > shape.dims().len()
+            && tensor.dims()[shape.dims().len()..].iter().all(|&d| d == 1)
+            && tensor.dims()[..shape.dims().len()] == *shape.dims();
+        if squeezable {
+            tensor = tensor.reshape(shape.clone())?;
+        }
         if tensor.shape() != &shape {
             return Err(candle_core::Error::Msg(format!(
                 "{}: tensor `{}` (read as `{name}`) has shape {:?}, but the config expects {:?}",

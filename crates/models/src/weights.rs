@@ -88,6 +88,19 @@ impl WeightStore {
         })
     }
 
+    /// Opens a PyTorch checkpoint whose tensors sit under `state_dict` (`.ckpt` files), or at
+    /// the top level.
+    pub fn open_pickle_state_dict(path: &Path) -> Result<Self> {
+        let pth = match candle_core::pickle::PthTensors::new(path, Some("state_dict")) {
+            Ok(p) if !p.tensor_infos().is_empty() => p,
+            _ => open_pickle(path, None)?,
+        };
+        Ok(Self {
+            container: Container::Pickle(vec![(String::new(), pth)]),
+            files: vec![path.to_path_buf()],
+        })
+    }
+
     pub fn files(&self) -> &[PathBuf] {
         &self.files
     }

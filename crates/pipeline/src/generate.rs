@@ -29,11 +29,26 @@ pub struct BaseModel {
 impl BaseModel {
     pub fn load(plan: &BaseModelPlan, device: &Device, dtype: DType) -> Result<Self> {
         let folder = &plan.folder;
+        let Some(file) = &plan.single_file else {
+            return Ok(Self {
+                tokenizer: folder.tokenizer()?,
+                text_encoder: folder.load_text_encoder(&plan.text_encoder, dtype, device)?,
+                unet: folder.load_unet(&plan.unet, dtype, device)?,
+                vae: folder.load_vae(&plan.vae, dtype, device)?,
+                device: device.clone(),
+                dtype,
+            });
+        };
+        use ipcompose_models::single_file_base::{text_encoder_weights, unet_weights, vae_weights};
+        let unet_vb = unet_weights(file, &plan.unet.layers_per_block)?.var_builder(dtype, device);
+        let vae_vb =
+            vae_weights(file, plan.vae.block_out_channels.len())?.var_builder(dtype, device);
+        let text_vb = text_encoder_weights(file)?.var_builder(dtype, device);
         Ok(Self {
             tokenizer: folder.tokenizer()?,
-            text_encoder: folder.load_text_encoder(&plan.text_encoder, dtype, device)?,
-            unet: folder.load_unet(&plan.unet, dtype, device)?,
-            vae: folder.load_vae(&plan.vae, dtype, device)?,
+            text_encoder: ClipTextModel::new(text_vb, &plan.text_encoder)?,
+            unet: UNet2DConditionModel::new(unet_vb, &plan.unet)?,
+            vae: Vae::new(vae_vb, &plan.vae)?,
             device: device.clone(),
             dtype,
         })

@@ -24,6 +24,9 @@ use crate::recipe::ControlSpec;
 use crate::recipe::{GenerateSpec, IpAdapterSpec, ModelSpec, Node, Recipe};
 use crate::source::resolve_model_source;
 
+/// Where configs for single-file SD1.5 checkpoints come from by default (as diffusers).
+pub const SD15_CONFIG_REPO: &str = "stable-diffusion-v1-5/stable-diffusion-v1-5";
+
 /// Which family of base model a folder holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BaseKind {
@@ -45,7 +48,11 @@ impl BaseKind {
 pub struct BaseModelPlan {
     pub name: String,
     pub kind: BaseKind,
+    /// The diffusers folder (for a single-file checkpoint: where configs, tokenizer and
+    /// scheduler come from).
     pub folder: DiffusersFolder,
+    /// A single-file checkpoint holding the weights, when the source is one.
+    pub single_file: Option<PathBuf>,
     pub unet: UNetConfig,
     pub vae: VaeConfig,
     pub text_encoder: ClipTextConfig,
@@ -187,7 +194,41 @@ impl Plan {
             })?;
             let root = resolve_model_source(&spec.source, spec.revision.as_deref(), base_dir)
                 .map_err(|e| cx.error(&["models", name, "source"], e))?;
-            let mut folder = DiffusersFolder::open(&root)
+            // A single file carries weights only; like diffusers' `from_single_file`, the
+            // configs, tokenizer and scheduler come from a diffusers folder of the same base
+            // (`config:`, by default the reference repo in the local hub cache).
+            let single_file = if root.is_file() {
+                let checkpoint =
+                    ipcompose_models::single_file_base::SingleFileCheckpoint::open(&root)
+                        .map_err(|e| cx.error(&["models", name, "source"], e))?;
+                if kind != BaseKind::Sd15 {
+                    return Err(cx.error(
+                        &["models", name, "kind"],
+                        "single-file checkpoints are supported for sd15 only",
+                    ));
+                }
+                Some(checkpoint.file)
+            } else {
+                if spec.config.is_some() {
+                    return Err(cx.error(
+                        &["models", name, "config"],
+                        "`config` is for single-file checkpoints; this source is a folder",
+                    ));
+                }
+                None
+            };
+            let config_root = match (&single_file, &spec.config) {
+                (None, _) => root.clone(),
+                (Some(_), Some(config)) => resolve_model_source(config, None, base_dir)
+                    .map_err(|e| cx.error(&["models", name, "config"], e))?,
+                (Some(_), None) => resolve_model_source(SD15_CONFIG_REPO, None, base_dir).map_err(|e| {
+                    cx.error(
+                        &["models", name, "source"],
+                        format!("a single-file checkpoint needs the configs and tokenizer of its base: give `config: FOLDER`, or have {SD15_CONFIG_REPO} in the hub cache ({e})"),
+                    )
+                })?,
+            };
+            let mut folder = DiffusersFolder::open(&config_root)
                 .map_err(|e| cx.error(&["models", name, "source"], e))?;
             folder.variant = spec.variant.clone();
             let at = |e: ipcompose_models::ModelError| cx.error(&["models", name], e);
@@ -220,6 +261,7 @@ impl Plan {
                     name: name.clone(),
                     kind,
                     folder,
+                    single_file,
                     unet,
                     vae,
                     text_encoder,

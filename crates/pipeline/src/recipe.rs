@@ -49,6 +49,10 @@ pub struct ModelSpec {
     /// IP-Adapters: the CLIP image encoder folder (e.g. h94/IP-Adapter `models/image_encoder`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image_encoder: Option<String>,
+    /// Single-file base checkpoints: the diffusers folder (or hub id) whose configs, tokenizer
+    /// and scheduler to use.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config: Option<String>,
     /// Single-file ControlNets: whether it pools its conditions (shuffle); folders say so in
     /// their config.
     #[serde(default, skip_serializing_if = "Option::is_none")]
