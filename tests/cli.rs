@@ -324,3 +324,41 @@ fn single_file_checkpoint_equals_its_folder_twin() {
     );
     assert!(outputs(&dir).is_empty());
 }
+
+#[test]
+fn inspect_names_each_checkpoint_kind() {
+    let cases = [
+        ("tiny-sd15", "diffusers Stable Diffusion folder"),
+        ("controlnet/tiny-canny", "ControlNet"),
+        (
+            "controlnet/tiny-canny-single.safetensors",
+            "ControlNet (original single file)",
+        ),
+        ("t2i/tiny-full", "T2I-Adapter"),
+        ("ip-adapter/image_encoder", "CLIP image encoder"),
+        (
+            "ip-adapter/ip-adapter-plus_tiny.safetensors",
+            "plus (resampler)",
+        ),
+        (
+            "single-file/tiny-sd15.safetensors",
+            "Stable Diffusion 1.x single-file checkpoint",
+        ),
+    ];
+    for (path, expected) in cases {
+        let (ok, stdout, stderr) = ipcompose(&["inspect", fixtures().join(path).to_str().unwrap()]);
+        assert!(ok, "{path}: {stderr}");
+        assert!(
+            stdout.contains(expected) && stdout.contains("parameters"),
+            "{path}: {stdout}"
+        );
+    }
+    let (ok, _, stderr) = ipcompose(&[
+        "inspect",
+        fixtures()
+            .join("ip-adapter/ip-adapter-faceid_tiny.safetensors")
+            .to_str()
+            .unwrap(),
+    ]);
+    assert!(!ok && stderr.contains("FaceID"), "{stderr}");
+}

@@ -1,6 +1,7 @@
 //! The `ipcompose` command line.
 
 mod bench;
+mod inspect;
 
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
@@ -40,6 +41,12 @@ enum Command {
         /// Override a recipe value, e.g. `--set nodes.gen.generate.seed=7` (repeatable).
         #[arg(long = "set", value_name = "KEY=VALUE")]
         sets: Vec<String>,
+    },
+    /// Say what a checkpoint file or folder is (kind, variant, base, dtype, parameters),
+    /// from headers and configs only.
+    Inspect {
+        /// A checkpoint file or model folder.
+        path: PathBuf,
     },
     /// Check a recipe without loading weights and print the resolved plan.
     Validate {
@@ -279,6 +286,7 @@ fn main() -> ExitCode {
             (None, Some(png)) => run(&png, true, &sets, overwrite, quiet),
             _ => Err(anyhow::anyhow!("give a recipe file or --from IMAGE.png")),
         },
+        Command::Inspect { path } => inspect::inspect(&path),
         Command::Validate { recipe, sets } => {
             load_plan(&recipe, &sets).map(|plan| print_plan(&plan))
         }
