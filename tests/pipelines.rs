@@ -72,7 +72,10 @@ fn every_pipeline_recipe_runs_on_the_tiny_models() {
             };
             sets.push(format!("images.{name}={}", fx(image)));
         }
-        for (node, _) in yaml["nodes"].as_mapping().unwrap() {
+        for (node, spec) in yaml["nodes"].as_mapping().unwrap() {
+            if spec.get("generate").is_none() {
+                continue; // preprocessor nodes have no size or steps
+            }
             let node = node.as_str().unwrap();
             sets.push(format!("nodes.{node}.generate.size=[128, 128]"));
             sets.push(format!("nodes.{node}.generate.steps=2"));
@@ -83,6 +86,8 @@ fn every_pipeline_recipe_runs_on_the_tiny_models() {
             sets.push(format!("outputs.{i}.path={}/out-{i}.{ext}", out.display()));
         }
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_ipcompose"));
+        // Preprocessed images go to the scratch folder, not next to the recipe in pipelines/.
+        cmd.env("IPCOMPOSE_CACHE_DIR", out.join("cache"));
         cmd.args(["run", "--quiet"]).arg(&recipe);
         for set in &sets {
             cmd.args(["--set", set]);

@@ -2,6 +2,7 @@
 
 mod bench;
 mod inspect;
+mod preprocess_cmd;
 
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
@@ -87,6 +88,9 @@ enum Command {
     /// Measure the UNet step, IP-Adapter, ControlNet, whole-run and load times with
     /// full-size SD1.5 models of random weights (or the tiny test models).
     Bench(bench::BenchArgs),
+    /// Make a hint image as the ControlNet annotators do: canny, invert, threshold, blur,
+    /// shuffle.
+    Preprocess(preprocess_cmd::PreprocessArgs),
 }
 
 struct EmbedArgs {
@@ -228,6 +232,7 @@ fn print_plan(plan: &Plan) {
             );
         }
     }
+    preprocess_cmd::print_preprocessors(plan);
     for o in &plan.outputs {
         println!("output {:?} of {} -> {}", o.kind, o.node, o.path.display());
     }
@@ -310,6 +315,7 @@ fn main() -> ExitCode {
             images,
         }),
         Command::Bench(args) => bench::run(args),
+        Command::Preprocess(args) => preprocess_cmd::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -11,6 +11,7 @@ pub mod mask;
 pub mod noise;
 pub mod output;
 pub mod plan;
+pub mod preprocess;
 pub mod provenance;
 pub mod recipe;
 pub mod resample;

@@ -62,7 +62,11 @@ pub fn write_atomically(path: &Path, write: impl FnOnce(&Path) -> Result<()>) ->
 
 /// Writes `image` as PNG; `metadata` (the resolved recipe) goes into an iTXt chunk.
 pub fn save_png(image: &Tensor, path: &Path, metadata: Option<&str>) -> Result<()> {
-    let rgb = to_rgb8(image)?;
+    save_rgb_png(&to_rgb8(image)?, path, metadata)
+}
+
+/// Writes an 8-bit RGB image as PNG, with `metadata` as in [`save_png`].
+pub fn save_rgb_png(rgb: &image::RgbImage, path: &Path, metadata: Option<&str>) -> Result<()> {
     write_atomically(path, |tmp| {
         let file = std::fs::File::create(tmp).map_err(|e| io_error(path, e))?;
         let mut encoder =

@@ -20,8 +20,9 @@ use crate::error::{PipelineError, Result};
 use crate::ip::{Combine, IpAdapterUse, IpModelPlan, IpSource};
 use crate::ip_scale::resolve_scales;
 use crate::locate::line_of;
+use crate::preprocess::{cache_dir, plan_preprocessors, Declared, PreprocessPlan};
 use crate::recipe::ControlSpec;
-use crate::recipe::{GenerateSpec, IpAdapterSpec, ModelSpec, Node, Recipe};
+use crate::recipe::{GenerateSpec, IpAdapterSpec, ModelSpec, Node, Recipe, NODE_OPERATIONS};
 use crate::source::resolve_model_source;
 
 /// Where configs for single-file SD1.5 checkpoints come from by default (as diffusers).
@@ -106,6 +107,8 @@ pub struct Plan {
     pub control_models: BTreeMap<String, ControlModelSource>,
     /// Named input images, resolved to files that exist.
     pub images: BTreeMap<String, PathBuf>,
+    /// Preprocessor nodes, each after the node it reads.
+    pub preprocessors: Vec<PreprocessPlan>,
     pub generations: Vec<GenerationPlan>,
     pub outputs: Vec<OutputPlan>,
 }
@@ -282,24 +285,52 @@ impl Plan {
             images.insert(name.clone(), path);
         }
 
-        let mut generations = Vec::new();
+        let mut declared = Vec::new();
+        let mut generate_nodes = BTreeSet::new();
         for (name, node) in &recipe.nodes {
             match node.operation() {
-                Some(Node::Generate(spec)) => {
-                    let known = Known {
-                        models: &models,
-                        ip_models: &ip_models,
-                        control_models: &control_models,
-                        images: &images,
-                    };
-                    generations.push(plan_generate(&cx, name, spec, &known, base_dir)?);
+                Some(Node::Generate(_)) => {
+                    generate_nodes.insert(name.clone());
                 }
+                Some(Node::Preprocess { image, settings }) => declared.push(Declared {
+                    node: name,
+                    image,
+                    settings,
+                }),
                 None => {
                     return Err(cx.error(
                         &["nodes", name],
-                        "a node needs one operation key (valid: generate)",
+                        format!(
+                            "a node needs exactly one operation key (valid: {})",
+                            NODE_OPERATIONS.join(", ")
+                        ),
                     ))
                 }
+            }
+        }
+        let preprocessors =
+            plan_preprocessors(declared, &images, &generate_nodes, &cache_dir(base_dir)).map_err(
+                |e| {
+                    let keys: Vec<&str> = e.keys.iter().map(String::as_str).collect();
+                    cx.error(&keys, e.message)
+                },
+            )?;
+        // Wherever an image name is expected, a preprocessor node names its cached result.
+        let mut image_sources = images.clone();
+        for p in &preprocessors {
+            image_sources.insert(p.node.clone(), p.cache_path.clone());
+        }
+
+        let mut generations = Vec::new();
+        for (name, node) in &recipe.nodes {
+            if let Some(Node::Generate(spec)) = node.operation() {
+                let known = Known {
+                    models: &models,
+                    ip_models: &ip_models,
+                    control_models: &control_models,
+                    images: &image_sources,
+                };
+                generations.push(plan_generate(&cx, name, spec, &known, base_dir)?);
             }
         }
 
@@ -326,6 +357,12 @@ impl Plan {
                         "output {i} refers to unknown node `{node}`{}",
                         did_you_mean(node, &node_names)
                     ),
+                ));
+            }
+            if kind == OutputKind::Latents && !generate_nodes.contains(node) {
+                return Err(cx.error(
+                    &[keys[0], field],
+                    format!("output {i}: `{node}` is a preprocessor node; it has an image but no latents"),
                 ));
             }
             let path = base_dir.join(&out.path);
@@ -356,9 +393,14 @@ impl Plan {
             ip_models,
             control_models,
             images,
+            preprocessors,
             generations,
             outputs,
         })
+    }
+
+    pub fn preprocessor(&self, node: &str) -> Option<&PreprocessPlan> {
+        self.preprocessors.iter().find(|p| p.node == node)
     }
 
     pub fn generation(&self, node: &str) -> Option<&GenerationPlan> {

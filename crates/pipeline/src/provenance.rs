@@ -84,7 +84,11 @@ pub fn resolved_recipe(recipe: &Recipe, base_dir: &Path) -> Result<Recipe> {
     }
     for output in &mut r.outputs {
         let joined = base_dir.join(&output.path);
-        output.path = joined.display().to_string();
+        // Outputs may not exist yet: make them absolute without touching the disk.
+        output.path = std::path::absolute(&joined)
+            .unwrap_or(joined)
+            .display()
+            .to_string();
     }
     r.provenance = Some(Provenance {
         ipcompose_version: env!("CARGO_PKG_VERSION").to_string(),

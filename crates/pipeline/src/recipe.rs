@@ -59,24 +59,160 @@ pub struct ModelSpec {
     pub global_pool: Option<bool>,
 }
 
-/// A node is a map with exactly one key naming what it does (`generate: {...}`).
+/// A node is a map with exactly one key naming what it does (`generate: {...}`,
+/// `canny: {...}`, ...).
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct NodeSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub generate: Option<GenerateSpec>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub canny: Option<CannySpec>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub invert: Option<InvertSpec>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub threshold: Option<ThresholdSpec>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub blur: Option<BlurSpec>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shuffle: Option<ShuffleSpec>,
 }
+
+/// The operation keys a node may have.
+pub const NODE_OPERATIONS: [&str; 6] = [
+    "generate",
+    "canny",
+    "invert",
+    "threshold",
+    "blur",
+    "shuffle",
+];
 
 #[derive(Debug, Clone)]
 pub enum Node<'a> {
     Generate(&'a GenerateSpec),
+    /// A preprocessor: `image` names an input image or another preprocessor node.
+    Preprocess {
+        image: &'a str,
+        settings: ipcompose_preprocess::Settings,
+    },
 }
 
 impl NodeSpec {
-    /// What this node does; `None` when it names no operation (or, later, several).
+    /// What this node does; `None` when it names no operation or several.
     pub fn operation(&self) -> Option<Node<'_>> {
-        self.generate.as_ref().map(Node::Generate)
+        use ipcompose_preprocess::Operation;
+        let mut preprocessors: Vec<(&str, Operation, Option<u32>)> = Vec::new();
+        if let Some(s) = &self.canny {
+            let operation = Operation::Canny {
+                low: s.low,
+                high: s.high,
+            };
+            preprocessors.push((&s.image, operation, s.detect_resolution));
+        }
+        if let Some(s) = &self.invert {
+            preprocessors.push((&s.image, Operation::Invert, s.detect_resolution));
+        }
+        if let Some(s) = &self.threshold {
+            let operation = Operation::Threshold { level: s.level };
+            preprocessors.push((&s.image, operation, s.detect_resolution));
+        }
+        if let Some(s) = &self.blur {
+            let operation = Operation::Blur { factor: s.factor };
+            preprocessors.push((&s.image, operation, s.detect_resolution));
+        }
+        if let Some(s) = &self.shuffle {
+            let operation = Operation::Shuffle { seed: s.seed };
+            preprocessors.push((&s.image, operation, s.detect_resolution));
+        }
+        match (&self.generate, preprocessors.len()) {
+            (Some(spec), 0) => Some(Node::Generate(spec)),
+            (None, 1) => {
+                let (image, operation, detect) = preprocessors.pop()?;
+                let mut settings = ipcompose_preprocess::Settings::new(operation);
+                // Absent: the annotator's default; 0: keep the input's size.
+                match detect {
+                    Some(0) => settings.detect_resolution = None,
+                    Some(resolution) => settings.detect_resolution = Some(resolution),
+                    None => {}
+                }
+                Some(Node::Preprocess { image, settings })
+            }
+            _ => None,
+        }
     }
+}
+
+/// `canny: {image, low, high, detect_resolution}`: OpenCV Canny on RGB, as the annotator.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CannySpec {
+    /// A name from `images:` or another preprocessor node.
+    pub image: String,
+    #[serde(default = "default_canny_low")]
+    pub low: f64,
+    #[serde(default = "default_canny_high")]
+    pub high: f64,
+    /// Short side before detection (default 512, as the annotator; 0 keeps the input size).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detect_resolution: Option<u32>,
+}
+
+/// `invert: {image}`: 255 minus every value.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct InvertSpec {
+    pub image: String,
+    /// Default: the input's size.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detect_resolution: Option<u32>,
+}
+
+/// `threshold: {image, level}`: white where the gray value is above `level` (scribble).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ThresholdSpec {
+    pub image: String,
+    #[serde(default = "default_threshold_level")]
+    pub level: u8,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detect_resolution: Option<u32>,
+}
+
+/// `blur: {image, factor}`: down by `factor` (INTER_AREA) and back up (Lanczos), for tile.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct BlurSpec {
+    pub image: String,
+    #[serde(default = "default_blur_factor")]
+    pub factor: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detect_resolution: Option<u32>,
+}
+
+/// `shuffle: {image, seed}`: content shuffle for the shuffle ControlNet.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShuffleSpec {
+    pub image: String,
+    #[serde(default)]
+    pub seed: u64,
+    /// Default 512, as the annotator; 0 keeps the input size.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detect_resolution: Option<u32>,
+}
+
+fn default_canny_low() -> f64 {
+    100.0
+}
+fn default_canny_high() -> f64 {
+    200.0
+}
+fn default_threshold_level() -> u8 {
+    127
+}
+fn default_blur_factor() -> f64 {
+    4.0
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -118,7 +254,7 @@ pub struct GenerateSpec {
 pub struct ControlSpec {
     /// A model of `kind: controlnet` or `kind: t2i-adapter`.
     pub model: String,
-    /// The hint image (a name from `images:`).
+    /// The hint image (a name from `images:` or a preprocessor node).
     pub image: String,
     /// Conditioning scale (ControlNet) or adapter weight (T2I), default 1.0.
     #[serde(default, skip_serializing_if = "Option::is_none")]

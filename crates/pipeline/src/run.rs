@@ -1,18 +1,18 @@
 //! Executes a plan: loads each base model once, runs the generations, then writes outputs.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use candle_core::{DType, Device};
 
 use crate::error::{PipelineError, Result};
 use crate::generate::{BaseModel, Conditions, Generated, Progress};
 use crate::ip::{image_tokens, prepare, read_embeddings, IpSource};
-use crate::output::{save_latents, save_png};
+use crate::output::{save_latents, save_png, save_rgb_png};
 use crate::plan::GenerationPlan;
 use crate::plan::{OutputKind, Plan};
 use ipcompose_models::clip_vision::{load_image_encoder, ClipVisionModel};
 use ipcompose_models::ip_adapter::IpAdapter;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::rc::Rc;
 
 use crate::control::{
@@ -42,7 +42,8 @@ impl Default for RunOptions {
     }
 }
 
-/// Runs every generation the outputs need; nothing is written unless all of them succeed.
+/// Runs every preprocessor and generation the outputs need; nothing is written unless all of
+/// them succeed (preprocessed images go to their cache as they are made).
 pub fn run_plan(
     plan: &Plan,
     options: &RunOptions,
@@ -56,6 +57,7 @@ pub fn run_plan(
             });
         }
     }
+    crate::preprocess::materialize(&plan.preprocessors, &needed_preprocessors(plan))?;
     let mut loaded: BTreeMap<&str, BaseModel> = BTreeMap::new();
     let mut adapters = AdapterCache::default();
     let mut results: BTreeMap<&str, Generated> = BTreeMap::new();
@@ -81,6 +83,13 @@ pub fn run_plan(
     }
     let mut written = Vec::new();
     for output in &plan.outputs {
+        if let Some(preprocessor) = plan.preprocessor(&output.node) {
+            let image = ipcompose_preprocess::load_image(&preprocessor.cache_path)
+                .map_err(|e| PipelineError::Plan(e.to_string()))?;
+            save_rgb_png(&image, &output.path, options.metadata.as_deref())?;
+            written.push(output.path.clone());
+            continue;
+        }
         let generated = results.get(output.node.as_str()).ok_or_else(|| {
             PipelineError::Plan(format!(
                 "output refers to `{}`, which produced nothing",
@@ -96,6 +105,32 @@ pub fn run_plan(
         written.push(output.path.clone());
     }
     Ok(written)
+}
+
+/// Preprocessor nodes that an output writes or a generation that runs reads.
+fn needed_preprocessors(plan: &Plan) -> BTreeSet<String> {
+    let runs = |node: &str| plan.outputs.iter().any(|o| o.node == node);
+    let mut read: BTreeSet<&Path> = BTreeSet::new();
+    for generation in plan.generations.iter().filter(|g| runs(&g.node)) {
+        read.extend(generation.controls.iter().map(|c| c.image.as_path()));
+        for ip in &generation.ip_adapters {
+            read.extend(ip.masks.iter().map(PathBuf::as_path));
+            if let IpSource::Images {
+                images,
+                negative_image,
+                ..
+            } = &ip.source
+            {
+                read.extend(images.iter().map(PathBuf::as_path));
+                read.extend(negative_image.as_deref());
+            }
+        }
+    }
+    plan.preprocessors
+        .iter()
+        .filter(|p| runs(&p.node) || read.contains(p.cache_path.as_path()))
+        .map(|p| p.node.clone())
+        .collect()
 }
 
 /// Adapter weights and image encoders, each loaded once per run however many nodes use them.
