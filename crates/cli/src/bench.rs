@@ -5,7 +5,9 @@
 //! from their real configs with random weights. The weights are written to safetensors files in
 //! a temporary folder and loaded through the same loaders a recipe uses, so the models under
 //! test are exactly the ones `ipcompose run` builds, and `load` is a real load time (from the
-//! page cache: the files were just written).
+//! page cache: the files were just written). ipcompose copies every weight out of the mapped
+//! file while loading; diffusers keeps safetensors weights memory-mapped and reads them on the
+//! first forward, so its `load` figure (tools/bench_diffusers.py) measures less work.
 //!
 //! Every figure is `--warmup` untimed runs then `--repeats` timed ones. Its peak resident set
 //! size is the process's high-water mark (`VmHWM`) over the figure, reset just before it where
@@ -281,7 +283,11 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let default_side = files.unet_config.sample_size.unwrap_or(64) * latent_factor;
     let width = args.width.unwrap_or(default_side);
     let height = args.height.unwrap_or(default_side);
-    if width == 0 || height == 0 || width % latent_factor != 0 || height % latent_factor != 0 {
+    if width == 0
+        || height == 0
+        || !width.is_multiple_of(latent_factor)
+        || !height.is_multiple_of(latent_factor)
+    {
         anyhow::bail!("--width and --height must be positive multiples of {latent_factor}");
     }
     let info = RunInfo {
@@ -305,7 +311,10 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             args.repeats
         );
         if !peak_resets {
-            println!("note: the peak RSS could not be reset per figure: each is the process's peak so far");
+            println!(
+                "note: the peak RSS could not be reset per figure: each is the process's peak \
+                 so far"
+            );
         }
     }
 
@@ -790,9 +799,12 @@ impl ModelFiles {
     }
 }
 
-/// The tensors a model asks its `VarBuilder` for, with the initialisation candle-nn would use.
+/// Tensor name → shape and the initialisation candle-nn would use.
+type RecordedTensors = BTreeMap<String, (Vec<usize>, Init)>;
+
+/// The tensors a model asks its `VarBuilder` for.
 #[derive(Clone, Default)]
-struct TensorRecorder(Arc<Mutex<BTreeMap<String, (Vec<usize>, Init)>>>);
+struct TensorRecorder(Arc<Mutex<RecordedTensors>>);
 
 impl SimpleBackend for TensorRecorder {
     fn get(
@@ -871,7 +883,7 @@ fn write_random_weights(
     write_tensors(path, tensors)
 }
 
-fn write_tensors(path: &Path, tensors: BTreeMap<String, (Vec<usize>, Init)>) -> anyhow::Result<()> {
+fn write_tensors(path: &Path, tensors: RecordedTensors) -> anyhow::Result<()> {
     let views = tensors
         .into_iter()
         .map(|(name, (shape, init))| (name, RandomTensor { shape, init }));
@@ -889,7 +901,7 @@ fn write_ip_adapter(
 ) -> anyhow::Result<()> {
     let width = unet.cross_attention_dim;
     let kaiming = candle_nn::init::DEFAULT_KAIMING_NORMAL;
-    let mut tensors = BTreeMap::new();
+    let mut tensors = RecordedTensors::new();
     tensors.insert(
         "image_proj.proj.weight".to_string(),
         (vec![IP_TOKENS * width, image_embedding_width], kaiming),
