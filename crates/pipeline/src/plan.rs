@@ -408,6 +408,23 @@ impl Plan {
     }
 }
 
+/// `start` / `end` (defaults 0 and 1), checked to be fractions of the steps with start < end.
+fn step_window(
+    cx: &Context,
+    keys: &[&str],
+    start: Option<f64>,
+    end: Option<f64>,
+) -> Result<(f64, f64)> {
+    let (start, end) = (start.unwrap_or(0.0), end.unwrap_or(1.0));
+    if !(0.0..=1.0).contains(&start) || !(0.0..=1.0).contains(&end) || start >= end {
+        return Err(cx.error(
+            keys,
+            format!("start {start} and end {end} must be fractions of the steps with start < end"),
+        ));
+    }
+    Ok((start, end))
+}
+
 /// What a node may refer to.
 struct Known<'a> {
     models: &'a BTreeMap<String, BaseModelPlan>,
@@ -511,13 +528,7 @@ fn plan_control(
             factor,
         }
     };
-    let (start, end) = (spec.start.unwrap_or(0.0), spec.end.unwrap_or(1.0));
-    if !(0.0..=1.0).contains(&start) || !(0.0..=1.0).contains(&end) || start >= end {
-        return Err(cx.error(
-            &at("start"),
-            format!("start {start} and end {end} must be fractions of the steps with start < end"),
-        ));
-    }
+    let (start, end) = step_window(cx, &at("start"), spec.start, spec.end)?;
     let resize: ResizeMode = match &spec.resize {
         None => ResizeMode::Resize,
         Some(r) => r.parse().map_err(|e: String| cx.error(&at("resize"), e))?,
@@ -729,13 +740,7 @@ fn plan_ip_use(
         .unwrap_or(crate::ip_scale::ScaleSpec::Uniform(1.0));
     let layer_scales =
         resolve_scales(&scale_spec, &layout).map_err(|e| cx.error(&at("scale"), e))?;
-    let (start, end) = (spec.start.unwrap_or(0.0), spec.end.unwrap_or(1.0));
-    if !(0.0..=1.0).contains(&start) || !(0.0..=1.0).contains(&end) || start >= end {
-        return Err(cx.error(
-            &at("start"),
-            format!("start {start} and end {end} must be fractions of the steps with start < end"),
-        ));
-    }
+    let (start, end) = step_window(cx, &at("start"), spec.start, spec.end)?;
     let mut masks = Vec::new();
     if let Some(name) = &spec.mask {
         masks.push(image("mask", name)?);

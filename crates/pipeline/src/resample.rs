@@ -163,12 +163,16 @@ pub fn resize_u8(
     out
 }
 
-pub fn resize_rgb(
-    image: &image::RgbImage,
+/// Resizes an 8-bit image of any channel count (RGB, grey, ...).
+pub fn resize_image<P>(
+    image: &image::ImageBuffer<P, Vec<u8>>,
     width: u32,
     height: u32,
     resampler: Resampler,
-) -> image::RgbImage {
+) -> image::ImageBuffer<P, Vec<u8>>
+where
+    P: image::Pixel<Subpixel = u8>,
+{
     if image.dimensions() == (width, height) {
         return image.clone();
     }
@@ -176,11 +180,20 @@ pub fn resize_rgb(
         image.as_raw(),
         (image.width() as usize, image.height() as usize),
         (width as usize, height as usize),
-        3,
+        P::CHANNEL_COUNT as usize,
         resampler,
     );
-    image::RgbImage::from_raw(width, height, data)
-        .unwrap_or_else(|| image::RgbImage::new(width, height))
+    image::ImageBuffer::from_raw(width, height, data)
+        .unwrap_or_else(|| image::ImageBuffer::new(width, height))
+}
+
+pub fn resize_rgb(
+    image: &image::RgbImage,
+    width: u32,
+    height: u32,
+    resampler: Resampler,
+) -> image::RgbImage {
+    resize_image(image, width, height, resampler)
 }
 
 pub fn resize_gray(
@@ -189,18 +202,7 @@ pub fn resize_gray(
     height: u32,
     resampler: Resampler,
 ) -> image::GrayImage {
-    if image.dimensions() == (width, height) {
-        return image.clone();
-    }
-    let data = resize_u8(
-        image.as_raw(),
-        (image.width() as usize, image.height() as usize),
-        (width as usize, height as usize),
-        1,
-        resampler,
-    );
-    image::GrayImage::from_raw(width, height, data)
-        .unwrap_or_else(|| image::GrayImage::new(width, height))
+    resize_image(image, width, height, resampler)
 }
 
 #[cfg(test)]
