@@ -43,13 +43,18 @@ pub(crate) fn read_json<T: serde::de::DeserializeOwned>(
     path: &std::path::Path,
     what: &'static str,
 ) -> Result<T> {
-    let text = std::fs::read_to_string(path).map_err(|source| ModelError::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let text = read_text(path)?;
     serde_json::from_str(&text).map_err(|source| ModelError::Json {
         path: path.to_path_buf(),
         what,
+        source,
+    })
+}
+
+/// A config file's text; the error names the file.
+pub(crate) fn read_text(path: &std::path::Path) -> Result<String> {
+    std::fs::read_to_string(path).map_err(|source| ModelError::Io {
+        path: path.to_path_buf(),
         source,
     })
 }

@@ -76,11 +76,7 @@ impl T2IAdapterConfig {
     }
 
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|source| ModelError::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        Self::from_json_str(&text, path)
+        Self::from_json_str(&crate::error::read_text(path)?, path)
     }
 
     /// Parses and validates a config; errors name `path` and the offending field.
