@@ -18,6 +18,7 @@ use ipcompose::pipeline::generate::Conditions;
 use ipcompose::pipeline::ip::{image_tokens, prepare, Combine, IpAdapterUse, IpSource};
 use ipcompose::pipeline::output::save_png;
 use ipcompose::pipeline::plan::{GenerationPlan, InitialNoise};
+use ipcompose::pipeline::schedule::{window, Curve, Strength};
 use ipcompose::pipeline::BaseModel;
 use ipcompose::schedulers::{SchedulerConfig, SchedulerKind};
 
@@ -71,7 +72,8 @@ fn main() -> anyhow::Result<()> {
             combine: Combine::Concat,
             fit: Fit::Crop,
         },
-        layer_scales: vec![0.6; layout.len()],
+        layer_scales: vec![1.0; layout.len()],
+        step_scales: vec![0.6; request.steps],
         start: 0.0,
         end: 1.0,
         masks: Vec::new(),
@@ -88,7 +90,8 @@ fn main() -> anyhow::Result<()> {
         dtype,
     )?;
 
-    // The structural condition: a ControlNet active for the first 80% of the steps.
+    // The structural condition: a ControlNet whose scale ramps from 1.0 down to 0.5 over the
+    // first 80% of the steps (the same schedule as `scale: {ramp: [1.0, 0.5]}, end: 0.8`).
     let cn_config = ControlNetConfig::from_folder(controlnet_dir)?;
     ipcompose::models::controlnet::check_compatible(&cn_config, model.unet.config())?;
     let controlnet =
@@ -96,9 +99,9 @@ fn main() -> anyhow::Result<()> {
     let controlnet = PreparedControlNet {
         model: Rc::new(controlnet),
         hint: prepare_hint(hint, width, height, ResizeMode::Resize, &device)?,
-        scale: 0.8,
-        start: 0.0,
-        end: 0.8,
+        step_scales: Strength::Curve(Curve { ramp: [1.0, 0.5] })
+            .per_step(&window(request.steps, 0.0, 0.8))
+            .map_err(anyhow::Error::msg)?,
         guess_mode: cn_config.global_pool_conditions,
     };
 

@@ -362,3 +362,122 @@ fn inspect_names_each_checkpoint_kind() {
     ]);
     assert!(!ok && stderr.contains("FaceID"), "{stderr}");
 }
+
+#[test]
+fn sweep_writes_every_combination_and_a_labelled_grid() {
+    let (dir, recipe) = workspace("cli-sweep");
+    let sets = [
+        "--set",
+        "nodes.gen.generate.seed=[1, 2]",
+        "--set",
+        "nodes.gen.generate.guidance={sweep: [1.0, 7.5]}",
+        "--set",
+        "nodes.gen.generate.size=[64, 64]",
+    ];
+    let mut args = vec!["validate", recipe.to_str().unwrap()];
+    args.extend(sets);
+    let (ok, stdout, stderr) = ipcompose(&args);
+    assert!(ok, "{stderr}");
+    assert!(
+        stdout.contains("sweep: 4 combinations over seed of `gen` (2 values) x guidance"),
+        "{stdout}"
+    );
+    let mut args = vec!["run", recipe.to_str().unwrap(), "--quiet"];
+    args.extend(sets);
+    let (ok, _, stderr) = ipcompose(&args);
+    assert!(ok, "{stderr}");
+    let out = dir.join("recipes/out");
+    let mut cells = Vec::new();
+    for guidance in ["1.0", "7.5"] {
+        for seed in ["1", "2"] {
+            let png = out.join(format!("house_seed-{seed}_guidance-{guidance}.png"));
+            let embedded = ipcompose::pipeline::provenance::read_embedded(&png)
+                .unwrap_or_else(|e| panic!("{}: {e}", png.display()));
+            // Each image carries its own single-valued recipe, so `run --from` redoes it.
+            assert!(embedded.contains(&format!("seed: {seed}\n")), "{embedded}");
+            cells.push(image::open(&png).unwrap().to_rgb8());
+        }
+        let latents = out.join(format!(
+            "house-latents_seed-1_guidance-{guidance}.safetensors"
+        ));
+        assert!(latents.is_file(), "{}", latents.display());
+    }
+    assert_ne!(cells[0].as_raw(), cells[1].as_raw(), "seeds differ");
+    assert_ne!(cells[0].as_raw(), cells[2].as_raw(), "guidance differs");
+    let grid = image::open(out.join("house_grid.png")).unwrap().to_rgb8();
+    // Two columns (seeds) and two rows (guidance) of 64x64 cells, with label bands.
+    assert!(
+        grid.width() > 2 * 64 && grid.width() < 2 * 64 + 200,
+        "{}",
+        grid.width()
+    );
+    assert!(
+        grid.height() > 2 * 64 && grid.height() < 2 * 64 + 60,
+        "{}",
+        grid.height()
+    );
+    let found = |cell: &image::RgbImage| {
+        (0..=grid.width() - 64).any(|x| {
+            (0..=grid.height() - 64).any(|y| {
+                image::imageops::crop_imm(&grid, x, y, 64, 64)
+                    .to_image()
+                    .as_raw()
+                    == cell.as_raw()
+            })
+        })
+    };
+    assert!(cells.iter().all(found), "every image appears in the grid");
+    // Re-running refuses to overwrite any of them.
+    let (ok, _, stderr) = ipcompose(&args);
+    assert!(!ok && stderr.contains("already exists"), "{stderr}");
+}
+
+#[test]
+fn schedule_table_is_printed_by_validate() {
+    let (dir, recipe) = workspace("cli-schedule-table");
+    let text = std::fs::read_to_string(&recipe)
+        .unwrap()
+        .replace("outputs:", "  edges: {canny: {image: house}}\noutputs:");
+    std::fs::write(&recipe, text).unwrap();
+    copy_dir(
+        &fixtures().join("controlnet/tiny-canny"),
+        &dir.join("canny"),
+    );
+    let (ok, stdout, stderr) = ipcompose(&[
+        "validate",
+        recipe.to_str().unwrap(),
+        "--set",
+        "models.canny={kind: controlnet, source: ../canny}",
+        "--set",
+        "nodes.gen.generate.controls=[{model: canny, image: edges, scale: {ramp: [1.0, 0.4]}, start: 0.25}]",
+    ]);
+    assert!(ok, "{stderr}");
+    let table: Vec<&str> = stdout
+        .lines()
+        .skip_while(|l| !l.contains("weight per step"))
+        .skip(1)
+        .take(5)
+        .map(str::trim)
+        .collect();
+    assert_eq!(
+        table,
+        [
+            "step  cn:canny",
+            "0         -",
+            "1     1.000",
+            "2     0.700",
+            "3     0.400"
+        ],
+        "{stdout}"
+    );
+    // A list with the wrong length is refused at its line.
+    let (ok, _, stderr) = ipcompose(&[
+        "validate",
+        recipe.to_str().unwrap(),
+        "--set",
+        "models.canny={kind: controlnet, source: ../canny}",
+        "--set",
+        "nodes.gen.generate.controls=[{model: canny, image: edges, scale: [1, 0.5]}]",
+    ]);
+    assert!(!ok && stderr.contains("2 values for 4 steps"), "{stderr}");
+}

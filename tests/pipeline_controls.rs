@@ -189,3 +189,49 @@ fn crop_and_fill_keep_the_aspect_ratio() {
     assert!(middle > 0.0);
     assert!(max_abs_diff(&crop, &fill) > 0.1);
 }
+
+/// Per-step strength (the schedule language) against diffusers runs whose scales were set
+/// per step (tests/fixtures/make_schedule_fixtures.py); same bound as the other cases.
+fn schedule(case: &str, body: &str) {
+    run_generate_case(&format!("schedule_{case}"), &models(), &images(), body);
+}
+
+#[test]
+fn schedule_ip_adapter_list() {
+    schedule(
+        "ip_list",
+        "      ip_adapters:\n        - {model: ipa, image: ref_a, scale: [0.2, 0.9, 0.5, 0.0]}",
+    );
+}
+
+#[test]
+fn schedule_controlnet_ramp() {
+    schedule(
+        "cn_ramp",
+        "      controls:\n        - {model: canny, image: edges, scale: {ramp: [1.0, 0.3]}, start: 0.0, end: 1.0}",
+    );
+}
+
+#[test]
+fn schedule_controlnet_ramp_inside_window() {
+    schedule(
+        "cn_ramp_window",
+        "      controls:\n        - {model: canny, image: edges, scale: {ramp: [1.0, 0.3]}, start: 0.25, end: 1.0}",
+    );
+}
+
+#[test]
+fn schedule_t2i_ramp() {
+    schedule(
+        "t2i_ramp",
+        "      controls:\n        - {model: full, image: sketch, scale: {ramp: [1.2, 0.0]}}",
+    );
+}
+
+#[test]
+fn schedule_ip_ramp_with_controlnet_list() {
+    schedule(
+        "compose",
+        "      ip_adapters:\n        - {model: ipa, image: ref_a, scale: {ramp: [0.8, 0.2]}}\n      controls:\n        - {model: canny, image: edges, scale: [0.5, 1.0, 1.0, 0.5]}",
+    );
+}

@@ -32,6 +32,7 @@ use ipcompose::models::weights::WeightStore;
 use ipcompose::pipeline::control::{controlnet_residuals, PreparedControlNet};
 use ipcompose::pipeline::generate::{denoise, Conditions, Guidance, TextConditioning};
 use ipcompose::pipeline::noise::SeededNoise;
+use ipcompose::pipeline::schedule::window;
 use ipcompose::schedulers::{build_scheduler, SchedulerConfig, SchedulerKind};
 
 /// `stable-diffusion-v1-5/stable-diffusion-v1-5`, `unet/config.json`.
@@ -413,7 +414,6 @@ impl Bench<'_> {
                 let residuals = controlnet_residuals(
                     controlnets,
                     step_index,
-                    steps,
                     &inputs.model_input,
                     TIMESTEP,
                     &inputs.context,
@@ -561,9 +561,10 @@ impl Bench<'_> {
         PreparedControlNet {
             model: Rc::clone(model),
             hint: inputs.hint.clone(),
-            scale: 1.0,
-            start: 0.0,
-            end,
+            step_scales: window(self.info.steps, 0.0, end)
+                .into_iter()
+                .map(|active| if active { 1.0 } else { 0.0 })
+                .collect(),
             guess_mode: false,
         }
     }

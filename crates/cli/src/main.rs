@@ -3,14 +3,15 @@
 mod bench;
 mod inspect;
 mod preprocess_cmd;
+mod progress;
 
-use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use ipcompose::pipeline::{plan::Plan, run_plan, Recipe, RunOptions};
+use ipcompose::pipeline::batch::Batch;
+use ipcompose::pipeline::{plan::Plan, RunOptions};
 
 #[derive(Parser)]
 #[command(
@@ -170,28 +171,47 @@ fn embed(args: EmbedArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn load_plan(path: &Path, sets: &[String]) -> anyhow::Result<Plan> {
-    Ok(load_recipe(path, false, sets)?.0)
-}
-
-/// Reads a recipe file (or the recipe embedded in a PNG), applies `--set` overrides and
-/// plans it; also returns the resolved recipe text to embed in the PNGs it writes.
-fn load_recipe(path: &Path, from_png: bool, sets: &[String]) -> anyhow::Result<(Plan, String)> {
-    use ipcompose::pipeline::provenance::{changed_inputs, embedded_text, read_embedded};
+/// Reads a recipe file (or the recipe embedded in a PNG), applies `--set` overrides, expands
+/// sweeps and plans every run.
+fn load_batch(path: &Path, from_png: bool, sets: &[String]) -> anyhow::Result<Batch> {
+    use ipcompose::pipeline::provenance::{changed_inputs, read_embedded};
     let text = if from_png {
         read_embedded(path)?
     } else {
         std::fs::read_to_string(path)
             .with_context(|| format!("reading recipe {}", path.display()))?
     };
-    let recipe = Recipe::parse_with_overrides(&text, path, sets)?;
-    for input in changed_inputs(&recipe) {
-        eprintln!("warning: {input} changed since {} was made", path.display());
+    let batch = Batch::plan(&text, path, sets)?;
+    if let Some(first) = batch.runs.first() {
+        for input in changed_inputs(&first.recipe) {
+            eprintln!("warning: {input} changed since {} was made", path.display());
+        }
     }
-    let base_dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
-    let plan = Plan::build(&recipe, &text, path, &base_dir)?;
-    let metadata = embedded_text(&recipe, &base_dir)?;
-    Ok((plan, metadata))
+    Ok(batch)
+}
+
+fn print_batch(batch: &Batch) {
+    if let Some(sweep) = &batch.sweep {
+        let axes: Vec<String> = sweep
+            .axes
+            .iter()
+            .map(|a| format!("{} of `{}` ({} values)", a.label, a.node, a.values.len()))
+            .collect();
+        println!(
+            "sweep: {} combinations over {}",
+            batch.runs.len(),
+            axes.join(" x ")
+        );
+        for grid in &sweep.grids {
+            println!("grid -> {}", grid.path.display());
+        }
+    }
+    for run in &batch.runs {
+        if !run.label.is_empty() {
+            println!("== {}", run.label);
+        }
+        print_plan(&run.plan);
+    }
 }
 
 fn print_plan(plan: &Plan) {
@@ -221,15 +241,30 @@ fn print_plan(plan: &Plan) {
             g.node, g.width, g.height, g.steps, g.scheduler_kind, g.guidance, g.init
         );
         for ip in &g.ip_adapters {
-            let active: Vec<String> = ip.layer_scales.iter().map(|s| format!("{s}")).collect();
+            let layers: Vec<String> = ip.layer_scales.iter().map(|s| format!("{s}")).collect();
             println!(
-                "  ip-adapter {}: steps {:.2}..{:.2}, per-layer scales [{}], {} mask(s)",
+                "  ip-adapter {}: window {:.2}..{:.2}, per-layer factors [{}], {} mask(s)",
                 ip.model,
                 ip.start,
                 ip.end,
-                active.join(", "),
+                layers.join(", "),
                 ip.masks.len()
             );
+        }
+        for control in &g.controls {
+            println!(
+                "  control {}: window {:.2}..{:.2}, hint {}",
+                control.model,
+                control.start,
+                control.end,
+                control.image.display()
+            );
+        }
+        if let Some(table) = g.weight_table() {
+            println!("  weight per step and condition (- = not applied):");
+            for line in table.lines() {
+                println!("    {line}");
+            }
         }
     }
     preprocess_cmd::print_preprocessors(plan);
@@ -245,30 +280,15 @@ fn run(
     overwrite: bool,
     quiet: bool,
 ) -> anyhow::Result<()> {
-    let (plan, metadata) = load_recipe(recipe, from_png, sets)?;
+    let batch = load_batch(recipe, from_png, sets)?;
     let options = RunOptions {
         overwrite,
-        metadata: Some(metadata),
         ..RunOptions::default()
     };
-    let terminal = std::io::stderr().is_terminal();
-    let started = std::time::Instant::now();
-    let written = run_plan(&plan, &options, &mut |node, p| {
-        if quiet {
-            return;
-        }
-        let elapsed = started.elapsed().as_secs_f64();
-        let line = format!("{node}: step {}/{} ({elapsed:.1} s)", p.step, p.total);
-        let mut err = std::io::stderr();
-        if terminal {
-            let _ = write!(err, "\r{line}");
-            if p.step == p.total {
-                let _ = writeln!(err);
-            }
-        } else {
-            let _ = writeln!(err, "{line}");
-        }
-    })?;
+    let mut display = progress::StepDisplay::new(quiet);
+    let written = batch.run(&options, &mut |node, p| display.update(node, p));
+    display.finish();
+    let written = written?;
     if !quiet {
         for path in written {
             println!("wrote {}", path.display());
@@ -293,7 +313,7 @@ fn main() -> ExitCode {
         },
         Command::Inspect { path } => inspect::inspect(&path),
         Command::Validate { recipe, sets } => {
-            load_plan(&recipe, &sets).map(|plan| print_plan(&plan))
+            load_batch(&recipe, false, &sets).map(|batch| print_batch(&batch))
         }
         Command::Embed {
             adapter,

@@ -155,7 +155,9 @@ pub enum ControlKind {
 pub struct ControlUse {
     pub model: String,
     pub image: PathBuf,
-    pub scale: f64,
+    /// Conditioning scale (ControlNet) or feature weight (T2I) per step; 0 where inactive
+    /// (outside `start`..`end`, and for T2I-Adapters past `factor`).
+    pub step_scales: Vec<f64>,
     pub start: f64,
     pub end: f64,
     pub resize: ResizeMode,
@@ -167,27 +169,23 @@ pub struct PreparedControlNet {
     pub model: std::rc::Rc<ControlNetModel>,
     /// `[1, 3, H, W]`; broadcast over the batch.
     pub hint: Tensor,
-    pub scale: f64,
-    pub start: f64,
-    pub end: f64,
+    /// Conditioning scale per step; 0 = not run.
+    pub step_scales: Vec<f64>,
     /// Guess mode, forced for `global_pool_conditions` models as diffusers does.
     pub guess_mode: bool,
 }
 
-/// T2I features, already multiplied by their scale.
+/// T2I features, computed once; each step uses them times that step's weight.
 pub struct PreparedT2I {
     pub features: Vec<Tensor>,
-    pub start: f64,
-    pub end: f64,
-    pub factor: f64,
+    /// Feature weight per step; 0 = not applied.
+    pub step_scales: Vec<f64>,
 }
 
-impl PreparedT2I {
-    /// Active inside its window and while `step < ⌊steps · factor⌋` (diffusers' rule).
-    pub fn active_at(&self, step: usize, steps: usize) -> bool {
-        active_at(step, steps, self.start, self.end)
-            && step < (steps as f64 * self.factor).floor() as usize
-    }
+/// Whether a T2I-Adapter applies at `step`: inside its window and while
+/// `step < ⌊steps · factor⌋` (the SDXL adapter pipeline's `adapter_conditioning_factor`).
+pub fn t2i_active_at(step: usize, steps: usize, start: f64, end: f64, factor: f64) -> bool {
+    active_at(step, steps, start, end) && step < (steps as f64 * factor).floor() as usize
 }
 
 /// Summed ControlNet residuals for one step: `(down, mid)`, or `None` when none is active.
@@ -195,7 +193,6 @@ impl PreparedT2I {
 pub fn controlnet_residuals(
     controlnets: &[PreparedControlNet],
     step: usize,
-    steps: usize,
     model_input: &Tensor,
     timestep: f64,
     context: &Tensor,
@@ -203,7 +200,8 @@ pub fn controlnet_residuals(
 ) -> Result<Option<(Vec<Tensor>, Tensor)>> {
     let mut sum: Option<(Vec<Tensor>, Tensor)> = None;
     for cn in controlnets {
-        if !active_at(step, steps, cn.start, cn.end) || cn.scale == 0.0 {
+        let scale = cn.step_scales.get(step).copied().unwrap_or(0.0);
+        if scale == 0.0 {
             continue;
         }
         // Guess mode under guidance: only the conditional half, zeros for the other half.
@@ -215,7 +213,7 @@ pub fn controlnet_residuals(
         };
         let out = cn
             .model
-            .forward(&input, timestep, &ctx, &cn.hint, cn.scale, cn.guess_mode)?;
+            .forward(&input, timestep, &ctx, &cn.hint, scale, cn.guess_mode)?;
         let pad = |t: Tensor| -> Result<Tensor> {
             if cond_only {
                 Ok(Tensor::cat(&[&t.zeros_like()?, &t], 0)?)
@@ -241,18 +239,23 @@ pub fn controlnet_residuals(
 }
 
 /// Summed T2I features of the adapters active at this step.
-pub fn t2i_features(
-    adapters: &[PreparedT2I],
-    step: usize,
-    steps: usize,
-) -> Result<Option<Vec<Tensor>>> {
+pub fn t2i_features(adapters: &[PreparedT2I], step: usize) -> Result<Option<Vec<Tensor>>> {
     let mut sum: Option<Vec<Tensor>> = None;
-    for adapter in adapters.iter().filter(|a| a.active_at(step, steps)) {
+    for adapter in adapters {
+        let weight = adapter.step_scales.get(step).copied().unwrap_or(0.0);
+        if weight == 0.0 {
+            continue;
+        }
+        let weighted = adapter
+            .features
+            .iter()
+            .map(|f| Ok((f * weight)?))
+            .collect::<Result<Vec<_>>>()?;
         sum = Some(match sum {
-            None => adapter.features.clone(),
+            None => weighted,
             Some(acc) => acc
                 .iter()
-                .zip(&adapter.features)
+                .zip(&weighted)
                 .map(|(a, b)| Ok((a + b)?))
                 .collect::<Result<Vec<_>>>()?,
         });
@@ -266,13 +269,9 @@ mod tests {
 
     #[test]
     fn factor_limits_the_steps() {
-        let t = PreparedT2I {
-            features: vec![],
-            start: 0.0,
-            end: 1.0,
-            factor: 0.75,
-        };
-        let active: Vec<bool> = (0..4).map(|i| t.active_at(i, 4)).collect();
+        let active: Vec<bool> = (0..4)
+            .map(|i| t2i_active_at(i, 4, 0.0, 1.0, 0.75))
+            .collect();
         assert_eq!(active, [true, true, true, false]);
     }
 

@@ -239,17 +239,16 @@ pub fn denoise(
             latents.clone()
         };
         let model_input = scheduler.scale_model_input(&model_input, step)?;
-        let ip_layers = step_injections(&conditions.ip_adapters, step, total);
+        let ip_layers = step_injections(&conditions.ip_adapters, step);
         let residuals = controlnet_residuals(
             &conditions.controlnets,
             step,
-            total,
             &model_input,
             t,
             &text.context,
             text.guided,
         )?;
-        let features = t2i_features(&conditions.t2i_adapters, step, total)?;
+        let features = t2i_features(&conditions.t2i_adapters, step)?;
         let injections = Injections {
             ip_layers: &ip_layers,
             down_residuals: residuals.as_ref().map(|(down, _)| down.as_slice()),

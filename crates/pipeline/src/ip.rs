@@ -51,8 +51,10 @@ pub enum IpSource {
 pub struct IpAdapterUse {
     pub model: String,
     pub source: IpSource,
-    /// One scale per cross-attention layer.
+    /// One scale per cross-attention layer (1.0 each unless per-layer values were given) ...
     pub layer_scales: Vec<f64>,
+    /// ... times one weight per step (0 outside the `start`..`end` window).
+    pub step_scales: Vec<f64>,
     pub start: f64,
     pub end: f64,
     /// None, one mask for all images, or one per image.
@@ -194,8 +196,7 @@ pub struct PreparedIpAdapter {
     /// Per layer, one entry (joint attention over all images) or one per image (masked).
     layers: Vec<Vec<LayerEntry>>,
     layer_scales: Vec<f64>,
-    start: f64,
-    end: f64,
+    step_scales: Vec<f64>,
 }
 
 /// Token count of each level of the UNet for a latent of `h`×`w` (stride-2 convs round up).
@@ -295,25 +296,21 @@ pub fn prepare(
     Ok(PreparedIpAdapter {
         layers,
         layer_scales: use_.layer_scales.clone(),
-        start: use_.start,
-        end: use_.end,
+        step_scales: use_.step_scales.clone(),
     })
 }
 
 /// The IP key/value sets of every layer for one step, over all adapters.
-pub fn step_injections(
-    adapters: &[PreparedIpAdapter],
-    step: usize,
-    steps: usize,
-) -> Vec<Vec<IpKeyValue>> {
+pub fn step_injections(adapters: &[PreparedIpAdapter], step: usize) -> Vec<Vec<IpKeyValue>> {
     let layers = adapters.iter().map(|a| a.layers.len()).max().unwrap_or(0);
     let mut out: Vec<Vec<IpKeyValue>> = (0..layers).map(|_| Vec::new()).collect();
     for adapter in adapters {
-        if !active_at(step, steps, adapter.start, adapter.end) {
+        let weight = adapter.step_scales.get(step).copied().unwrap_or(0.0);
+        if weight == 0.0 {
             continue;
         }
         for (l, entries) in adapter.layers.iter().enumerate() {
-            let scale = adapter.layer_scales[l];
+            let scale = adapter.layer_scales[l] * weight;
             if scale == 0.0 {
                 continue;
             }

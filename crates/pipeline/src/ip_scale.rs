@@ -7,13 +7,51 @@ use std::collections::BTreeMap;
 use ipcompose_models::unet::{CrossAttentionLayer, UNetPart};
 use serde::Deserialize;
 
-/// `scale:` as written in a recipe.
-#[derive(Debug, Clone, Deserialize, serde::Serialize)]
+use crate::schedule::{Strength, STRENGTH_FORMS};
+
+/// `scale:` as written in a recipe: a strength over time (the same forms as every condition,
+/// uniform over the layers), a preset, or per-layer values (constant over time).
+#[derive(Debug, Clone, serde::Serialize)]
 #[serde(untagged)]
 pub enum ScaleSpec {
     Uniform(f64),
+    Time(Strength),
     Preset(String),
     Blocks(BTreeMap<String, BlockScale>),
+}
+
+impl<'de> Deserialize<'de> for ScaleSpec {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        let value = serde_yaml::Value::deserialize(d)?;
+        if let Some(strength) = Strength::from_value(&value) {
+            return match strength.map_err(D::Error::custom)? {
+                Strength::Constant(v) => Ok(ScaleSpec::Uniform(v)),
+                other => Ok(ScaleSpec::Time(other)),
+            };
+        }
+        match value {
+            serde_yaml::Value::String(name) => Ok(ScaleSpec::Preset(name)),
+            map @ serde_yaml::Value::Mapping(_) => serde_yaml::from_value(map)
+                .map(ScaleSpec::Blocks)
+                .map_err(|e| D::Error::custom(format!("per-layer scale: {e}"))),
+            _ => Err(D::Error::custom(format!(
+                "an IP-Adapter scale must be {STRENGTH_FORMS}, a preset ({}), or per-layer values {{down|mid|up: ...}}",
+                PRESETS.join(", ")
+            ))),
+        }
+    }
+}
+
+impl ScaleSpec {
+    /// The strength over time; per-layer forms are 1 at every active step.
+    pub fn strength(&self) -> Strength {
+        match self {
+            ScaleSpec::Uniform(v) => Strength::Constant(*v),
+            ScaleSpec::Time(strength) => strength.clone(),
+            ScaleSpec::Preset(_) | ScaleSpec::Blocks(_) => Strength::Constant(1.0),
+        }
+    }
 }
 
 /// A part's value: one number for all its blocks, or per block name.
@@ -40,7 +78,8 @@ pub fn resolve_scales(
     layout: &[CrossAttentionLayer],
 ) -> Result<Vec<f64>, String> {
     match spec {
-        ScaleSpec::Uniform(v) => Ok(vec![*v; layout.len()]),
+        // Over time the strength multiplies these; exactly 1.0 keeps diffusers' numbers.
+        ScaleSpec::Uniform(_) | ScaleSpec::Time(_) => Ok(vec![1.0; layout.len()]),
         ScaleSpec::Preset(name) => resolve_blocks(&preset(name, layout)?, layout),
         ScaleSpec::Blocks(parts) => resolve_blocks(parts, layout),
     }

@@ -1,5 +1,6 @@
 //! Recipes, plans and the denoising loop: parse, then plan, then run.
 
+pub mod batch;
 pub mod clip_image;
 pub mod control;
 pub mod error;
@@ -16,10 +17,12 @@ pub mod provenance;
 pub mod recipe;
 pub mod resample;
 pub mod run;
+pub mod schedule;
 pub mod source;
+pub mod sweep;
 
 pub use error::{PipelineError, Result};
 pub use generate::{BaseModel, Generated, Progress};
 pub use plan::Plan;
 pub use recipe::Recipe;
-pub use run::{run_plan, RunOptions};
+pub use run::{run_plan, RunOptions, Runner};

@@ -14,7 +14,8 @@ use ipcompose_schedulers::{SchedulerConfig, SchedulerKind};
 
 use crate::clip_image::Fit;
 use crate::control::{
-    ControlKind, ControlModelSource, ControlNetPlan, ControlUse, ResizeMode, T2IAdapterPlan,
+    t2i_active_at, ControlKind, ControlModelSource, ControlNetPlan, ControlUse, ResizeMode,
+    T2IAdapterPlan,
 };
 use crate::error::{PipelineError, Result};
 use crate::ip::{Combine, IpAdapterUse, IpModelPlan, IpSource};
@@ -23,6 +24,7 @@ use crate::locate::line_of;
 use crate::preprocess::{cache_dir, plan_preprocessors, Declared, PreprocessPlan};
 use crate::recipe::ControlSpec;
 use crate::recipe::{GenerateSpec, IpAdapterSpec, ModelSpec, Node, Recipe, NODE_OPERATIONS};
+use crate::schedule::{window, Strength};
 use crate::source::resolve_model_source;
 
 /// Where configs for single-file SD1.5 checkpoints come from by default (as diffusers).
@@ -85,6 +87,47 @@ pub struct GenerationPlan {
     pub clip_skip: usize,
     pub ip_adapters: Vec<IpAdapterUse>,
     pub controls: Vec<ControlUse>,
+}
+
+impl GenerationPlan {
+    /// Every condition's weight at every step, one row per step, as the loop will apply
+    /// them (0 = not applied); `None` when the generation has no conditions.
+    pub fn weight_table(&self) -> Option<String> {
+        let mut columns: Vec<(String, &[f64])> = Vec::new();
+        for ip in &self.ip_adapters {
+            columns.push((format!("ip:{}", ip.model), &ip.step_scales));
+        }
+        for control in &self.controls {
+            let kind = match control.kind {
+                ControlKind::ControlNet { .. } => "cn",
+                ControlKind::T2IAdapter { .. } => "t2i",
+            };
+            columns.push((format!("{kind}:{}", control.model), &control.step_scales));
+        }
+        if columns.is_empty() {
+            return None;
+        }
+        let widths: Vec<usize> = columns.iter().map(|(name, _)| name.len().max(6)).collect();
+        let mut table = String::from("step");
+        for ((name, _), width) in columns.iter().zip(&widths) {
+            table.push_str(&format!("  {name:>width$}"));
+        }
+        table.push('\n');
+        for step in 0..self.steps {
+            table.push_str(&format!("{step:>4}"));
+            for ((_, weights), width) in columns.iter().zip(&widths) {
+                let weight = weights.get(step).copied().unwrap_or(0.0);
+                let cell = if weight == 0.0 {
+                    "-".to_string()
+                } else {
+                    format!("{weight:.3}")
+                };
+                table.push_str(&format!("  {cell:>width$}"));
+            }
+            table.push('\n');
+        }
+        Some(table)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -449,6 +492,7 @@ fn plan_control(
     spec: &ControlSpec,
     known: &Known,
     base: &BaseModelPlan,
+    steps: usize,
 ) -> Result<ControlUse> {
     let at = |k: &'static str| ["nodes", node, "generate", "controls", k];
     let names: Vec<String> = known.control_models.keys().cloned().collect();
@@ -529,6 +573,18 @@ fn plan_control(
         }
     };
     let (start, end) = step_window(cx, &at("start"), spec.start, spec.end)?;
+    let active: Vec<bool> = match &kind {
+        ControlKind::T2IAdapter { factor, .. } => (0..steps)
+            .map(|i| t2i_active_at(i, steps, start, end, *factor))
+            .collect(),
+        ControlKind::ControlNet { .. } => window(steps, start, end),
+    };
+    let step_scales = spec
+        .scale
+        .clone()
+        .unwrap_or(Strength::Constant(1.0))
+        .per_step(&active)
+        .map_err(|e| cx.error(&at("scale"), format!("controls[{index}]: {e}")))?;
     let resize: ResizeMode = match &spec.resize {
         None => ResizeMode::Resize,
         Some(r) => r.parse().map_err(|e: String| cx.error(&at("resize"), e))?,
@@ -536,7 +592,7 @@ fn plan_control(
     Ok(ControlUse {
         model: spec.model.clone(),
         image,
-        scale: spec.scale.unwrap_or(1.0),
+        step_scales,
         start,
         end,
         resize,
@@ -610,6 +666,7 @@ fn plan_ip_use(
     known: &Known,
     base: &BaseModelPlan,
     base_dir: &Path,
+    steps: usize,
 ) -> Result<IpAdapterUse> {
     let i = index.to_string();
     let at = |k: &'static str| ["nodes", node, "generate", "ip_adapters", k];
@@ -741,6 +798,10 @@ fn plan_ip_use(
     let layer_scales =
         resolve_scales(&scale_spec, &layout).map_err(|e| cx.error(&at("scale"), e))?;
     let (start, end) = step_window(cx, &at("start"), spec.start, spec.end)?;
+    let step_scales = scale_spec
+        .strength()
+        .per_step(&window(steps, start, end))
+        .map_err(|e| cx.error(&at("scale"), format!("ip_adapters[{i}]: {e}")))?;
     let mut masks = Vec::new();
     if let Some(name) = &spec.mask {
         masks.push(image("mask", name)?);
@@ -752,6 +813,7 @@ fn plan_ip_use(
         model: spec.model.clone(),
         source,
         layer_scales,
+        step_scales,
         start,
         end,
         masks,
@@ -847,13 +909,13 @@ fn plan_generate(
         .ip_adapters
         .iter()
         .enumerate()
-        .map(|(i, ip)| plan_ip_use(cx, name, i, ip, known, base, base_dir))
+        .map(|(i, ip)| plan_ip_use(cx, name, i, ip, known, base, base_dir, spec.steps))
         .collect::<Result<Vec<_>>>()?;
     let controls = spec
         .controls
         .iter()
         .enumerate()
-        .map(|(i, c)| plan_control(cx, name, i, c, known, base))
+        .map(|(i, c)| plan_control(cx, name, i, c, known, base, spec.steps))
         .collect::<Result<Vec<_>>>()?;
     Ok(GenerationPlan {
         node: name.to_string(),

@@ -256,9 +256,10 @@ pub struct ControlSpec {
     pub model: String,
     /// The hint image (a name from `images:` or a preprocessor node).
     pub image: String,
-    /// Conditioning scale (ControlNet) or adapter weight (T2I), default 1.0.
+    /// Conditioning scale (ControlNet) or adapter weight (T2I), default 1.0: a number, one
+    /// value per step, or `{ramp: [from, to]}` (see `schedule.rs`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub scale: Option<f64>,
+    pub scale: Option<crate::schedule::Strength>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub start: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -381,6 +382,19 @@ impl Recipe {
         if overrides.is_empty() {
             return Self::parse(text, origin);
         }
+        let document = Self::document(text, origin, overrides)?;
+        Self::from_document(document, origin).map_err(|e| match e {
+            PipelineError::Recipe { path, message } => PipelineError::Recipe {
+                path,
+                message: format!("after --set overrides: {message}"),
+            },
+            other => other,
+        })
+    }
+
+    /// The recipe as a YAML document with `--set` overrides applied, before typed parsing
+    /// (sweeps are expanded at this level).
+    pub fn document(text: &str, origin: &Path, overrides: &[String]) -> Result<serde_yaml::Value> {
         let err = |message: String| PipelineError::Recipe {
             path: origin.to_path_buf(),
             message,
@@ -391,11 +405,20 @@ impl Recipe {
             apply_override(&mut value, assignment)
                 .map_err(|e| err(format!("--set {assignment}: {e}")))?;
         }
-        let recipe: Recipe = serde_yaml::from_value(value)
-            .map_err(|e| err(format!("after --set overrides: {e}")))?;
+        Ok(value)
+    }
+
+    /// Parses a document made by [`Recipe::document`] (or a sweep's combination). serde
+    /// cannot give lines for a document, so messages name the key instead.
+    pub fn from_document(document: serde_yaml::Value, origin: &Path) -> Result<Self> {
+        let err = |message: String| PipelineError::Recipe {
+            path: origin.to_path_buf(),
+            message,
+        };
+        let recipe: Recipe = serde_yaml::from_value(document).map_err(|e| err(e.to_string()))?;
         if recipe.version != 1 {
             return Err(err(format!(
-                "unsupported recipe version {}",
+                "unsupported recipe version {} (this ipcompose reads version 1)",
                 recipe.version
             )));
         }
@@ -485,6 +508,7 @@ mod tests {
         let err = Recipe::parse_with_overrides(text, Path::new("r.yaml"), &bad)
             .unwrap_err()
             .to_string();
+        assert!(err.contains("--set outputs.3.path=x"), "{err}");
         assert!(err.contains("past the end"), "{err}");
     }
 }

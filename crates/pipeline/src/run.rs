@@ -49,62 +49,94 @@ pub fn run_plan(
     options: &RunOptions,
     progress: &mut dyn FnMut(&str, Progress),
 ) -> Result<Vec<std::path::PathBuf>> {
-    if !options.overwrite {
-        if let Some(existing) = plan.outputs.iter().find(|o| o.path.exists()) {
-            return Err(PipelineError::Output {
-                path: existing.path.clone(),
-                message: "already exists (pass --overwrite to replace it)".to_string(),
-            });
+    Runner::new(options).run(plan, options.metadata.as_deref(), progress)
+}
+
+/// Runs several plans of one recipe (a sweep's combinations) with the models loaded once:
+/// base models and adapters are kept by their recipe names between [`Runner::run`] calls.
+pub struct Runner<'o> {
+    options: &'o RunOptions,
+    loaded: BTreeMap<String, BaseModel>,
+    adapters: AdapterCache,
+}
+
+impl<'o> Runner<'o> {
+    pub fn new(options: &'o RunOptions) -> Self {
+        Self {
+            options,
+            loaded: BTreeMap::new(),
+            adapters: AdapterCache::default(),
         }
     }
-    crate::preprocess::materialize(&plan.preprocessors, &needed_preprocessors(plan))?;
-    let mut loaded: BTreeMap<&str, BaseModel> = BTreeMap::new();
-    let mut adapters = AdapterCache::default();
-    let mut results: BTreeMap<&str, Generated> = BTreeMap::new();
-    for generation in &plan.generations {
-        if !plan.outputs.iter().any(|o| o.node == generation.node) {
-            continue;
-        }
-        if !loaded.contains_key(generation.base.as_str()) {
-            let base_plan = plan.models.get(&generation.base).ok_or_else(|| {
-                PipelineError::Plan(format!("unknown model `{}`", generation.base))
-            })?;
-            loaded.insert(
-                generation.base.as_str(),
-                BaseModel::load(base_plan, &options.device, options.dtype)?,
-            );
-        }
-        let model = &loaded[generation.base.as_str()];
-        let conditions = prepare_conditions(plan, generation, model, &mut adapters, options)?;
-        let generated = model.generate(generation, &conditions, &mut |p| {
-            progress(&generation.node, p)
-        })?;
-        results.insert(generation.node.as_str(), generated);
-    }
-    let mut written = Vec::new();
-    for output in &plan.outputs {
-        if let Some(preprocessor) = plan.preprocessor(&output.node) {
-            let image = ipcompose_preprocess::load_image(&preprocessor.cache_path)
-                .map_err(|e| PipelineError::Plan(e.to_string()))?;
-            save_rgb_png(&image, &output.path, options.metadata.as_deref())?;
-            written.push(output.path.clone());
-            continue;
-        }
-        let generated = results.get(output.node.as_str()).ok_or_else(|| {
-            PipelineError::Plan(format!(
-                "output refers to `{}`, which produced nothing",
-                output.node
-            ))
-        })?;
-        match output.kind {
-            OutputKind::Image => {
-                save_png(&generated.image, &output.path, options.metadata.as_deref())?
+
+    /// Fails before anything runs if an output exists and overwriting is off.
+    pub fn check_outputs(&self, plan: &Plan) -> Result<()> {
+        if !self.options.overwrite {
+            if let Some(existing) = plan.outputs.iter().find(|o| o.path.exists()) {
+                return Err(PipelineError::Output {
+                    path: existing.path.clone(),
+                    message: "already exists (pass --overwrite to replace it)".to_string(),
+                });
             }
-            OutputKind::Latents => save_latents(&generated.latents, &output.path)?,
         }
-        written.push(output.path.clone());
+        Ok(())
     }
-    Ok(written)
+
+    /// Runs `plan` and writes its outputs, with `metadata` in every PNG.
+    pub fn run(
+        &mut self,
+        plan: &Plan,
+        metadata: Option<&str>,
+        progress: &mut dyn FnMut(&str, Progress),
+    ) -> Result<Vec<PathBuf>> {
+        let options = self.options;
+        self.check_outputs(plan)?;
+        crate::preprocess::materialize(&plan.preprocessors, &needed_preprocessors(plan))?;
+        let mut results: BTreeMap<&str, Generated> = BTreeMap::new();
+        for generation in &plan.generations {
+            if !plan.outputs.iter().any(|o| o.node == generation.node) {
+                continue;
+            }
+            if !self.loaded.contains_key(&generation.base) {
+                let base_plan = plan.models.get(&generation.base).ok_or_else(|| {
+                    PipelineError::Plan(format!("unknown model `{}`", generation.base))
+                })?;
+                self.loaded.insert(
+                    generation.base.clone(),
+                    BaseModel::load(base_plan, &options.device, options.dtype)?,
+                );
+            }
+            let model = &self.loaded[&generation.base];
+            let conditions =
+                prepare_conditions(plan, generation, model, &mut self.adapters, options)?;
+            let generated = model.generate(generation, &conditions, &mut |p| {
+                progress(&generation.node, p)
+            })?;
+            results.insert(generation.node.as_str(), generated);
+        }
+        let mut written = Vec::new();
+        for output in &plan.outputs {
+            if let Some(preprocessor) = plan.preprocessor(&output.node) {
+                let image = ipcompose_preprocess::load_image(&preprocessor.cache_path)
+                    .map_err(|e| PipelineError::Plan(e.to_string()))?;
+                save_rgb_png(&image, &output.path, metadata)?;
+                written.push(output.path.clone());
+                continue;
+            }
+            let generated = results.get(output.node.as_str()).ok_or_else(|| {
+                PipelineError::Plan(format!(
+                    "output refers to `{}`, which produced nothing",
+                    output.node
+                ))
+            })?;
+            match output.kind {
+                OutputKind::Image => save_png(&generated.image, &output.path, metadata)?,
+                OutputKind::Latents => save_latents(&generated.latents, &output.path)?,
+            }
+            written.push(output.path.clone());
+        }
+        Ok(written)
+    }
 }
 
 /// Preprocessor nodes that an output writes or a generation that runs reads.
@@ -227,28 +259,20 @@ fn prepare_conditions(
                 conditions.controlnets.push(PreparedControlNet {
                     model: cache.controlnets[&key].clone(),
                     hint,
-                    scale: control.scale,
-                    start: control.start,
-                    end: control.end,
+                    step_scales: control.step_scales.clone(),
                     // diffusers forces guess mode for models that pool their conditions.
                     guess_mode: *guess_mode || cn.config.global_pool_conditions,
                 });
             }
-            ControlKind::T2IAdapter { plan: t2i, factor } => {
+            ControlKind::T2IAdapter { plan: t2i, .. } => {
                 if !cache.t2i_adapters.contains_key(&control.model) {
                     let adapter = load_t2i_adapter(t2i, options.dtype, &options.device)?;
                     cache.t2i_adapters.insert(control.model.clone(), adapter);
                 }
-                let features = cache.t2i_adapters[&control.model]
-                    .forward(&hint)?
-                    .into_iter()
-                    .map(|f| Ok((f * control.scale)?))
-                    .collect::<Result<Vec<_>>>()?;
+                let features = cache.t2i_adapters[&control.model].forward(&hint)?;
                 conditions.t2i_adapters.push(PreparedT2I {
                     features,
-                    start: control.start,
-                    end: control.end,
-                    factor: *factor,
+                    step_scales: control.step_scales.clone(),
                 });
             }
         }
