@@ -240,6 +240,19 @@ fn print_plan(plan: &Plan) {
             "generate {}: {}x{}, {} steps of {:?}, guidance {}, {:?}",
             g.node, g.width, g.height, g.steps, g.scheduler_kind, g.guidance, g.init
         );
+        let reads: Vec<&str> = plan
+            .dependencies
+            .get(&g.node)
+            .into_iter()
+            .flatten()
+            .map(String::as_str)
+            .collect();
+        if !reads.is_empty() {
+            println!("  reads nodes: {}", reads.join(", "));
+        }
+        if !plan.needed.contains(&g.node) {
+            println!("  (no output needs it: not run)");
+        }
         for ip in &g.ip_adapters {
             let layers: Vec<String> = ip.layer_scales.iter().map(|s| format!("{s}")).collect();
             println!(

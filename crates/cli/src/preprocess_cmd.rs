@@ -151,8 +151,13 @@ pub fn print_preprocessors(plan: &Plan) {
                 path.display().to_string()
             }
             ipcompose::pipeline::preprocess::PreprocessInput::Node(node) => format!("node {node}"),
+            ipcompose::pipeline::preprocess::PreprocessInput::Generated { node, .. } => {
+                format!("the image generate node {node} makes")
+            }
         };
-        let cached = if p.cache_path.is_file() {
+        let cached = if p.after_generation {
+            "computed after that generation"
+        } else if p.cache_path.is_file() {
             "cached"
         } else {
             "not cached yet"

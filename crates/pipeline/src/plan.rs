@@ -152,8 +152,15 @@ pub struct Plan {
     pub images: BTreeMap<String, PathBuf>,
     /// Preprocessor nodes, each after the node it reads.
     pub preprocessors: Vec<PreprocessPlan>,
+    /// Generate nodes, each after every node it reads.
     pub generations: Vec<GenerationPlan>,
     pub outputs: Vec<OutputPlan>,
+    /// Generate nodes whose image another needed node reads, and where it is saved for it.
+    pub generated: BTreeMap<String, PathBuf>,
+    /// Node → the nodes it reads.
+    pub dependencies: BTreeMap<String, BTreeSet<String>>,
+    /// The nodes the outputs need, directly or through others.
+    pub needed: BTreeSet<String>,
 }
 
 /// Errors that point at a place in the recipe file.
@@ -330,10 +337,13 @@ impl Plan {
 
         let mut declared = Vec::new();
         let mut generate_nodes = BTreeSet::new();
+        // A generate node read by another node saves its image here during the run.
+        let mut generated = BTreeMap::new();
         for (name, node) in &recipe.nodes {
             match node.operation() {
-                Some(Node::Generate(_)) => {
+                Some(Node::Generate(spec)) => {
                     generate_nodes.insert(name.clone());
+                    generated.insert(name.clone(), generated_path(base_dir, name, spec));
                 }
                 Some(Node::Preprocess { image, settings }) => declared.push(Declared {
                     node: name,
@@ -351,22 +361,27 @@ impl Plan {
                 }
             }
         }
-        let preprocessors =
-            plan_preprocessors(declared, &images, &generate_nodes, &cache_dir(base_dir)).map_err(
-                |e| {
-                    let keys: Vec<&str> = e.keys.iter().map(String::as_str).collect();
-                    cx.error(&keys, e.message)
-                },
-            )?;
+        let preprocessors = plan_preprocessors(declared, &images, &generated, &cache_dir(base_dir))
+            .map_err(|e| {
+                let keys: Vec<&str> = e.keys.iter().map(String::as_str).collect();
+                cx.error(&keys, e.message)
+            })?;
         // Wherever an image name is expected, a preprocessor node names its cached result.
         let mut image_sources = images.clone();
         for p in &preprocessors {
             image_sources.insert(p.node.clone(), p.cache_path.clone());
         }
+        // ... and a generate node names the image it makes (a second pass, a reference).
+        for (node, path) in &generated {
+            image_sources.insert(node.clone(), path.clone());
+        }
+        let dependencies = node_dependencies(recipe);
+        let order = dependency_order(&dependencies)
+            .map_err(|(node, message)| cx.error(&["nodes", node.as_str()], message))?;
 
         let mut generations = Vec::new();
-        for (name, node) in &recipe.nodes {
-            if let Some(Node::Generate(spec)) = node.operation() {
+        for name in &order {
+            if let Some(Node::Generate(spec)) = recipe.nodes[name].operation() {
                 let known = Known {
                     models: &models,
                     ip_models: &ip_models,
@@ -431,6 +446,12 @@ impl Plan {
                 path,
             });
         }
+        let needed = needed_nodes(&dependencies, outputs.iter().map(|o| o.node.as_str()));
+        generated.retain(|node, _| {
+            dependencies
+                .iter()
+                .any(|(reader, reads)| needed.contains(reader) && reads.contains(node))
+        });
         Ok(Self {
             models,
             ip_models,
@@ -439,6 +460,9 @@ impl Plan {
             preprocessors,
             generations,
             outputs,
+            generated,
+            dependencies,
+            needed,
         })
     }
 
@@ -934,6 +958,102 @@ fn plan_generate(
         init,
         clip_skip: spec.clip_skip,
     })
+}
+
+/// Where a generate node's image is saved for the nodes that read it: the cache folder,
+/// named by the node and a hash of its settings (rewritten by every run).
+fn generated_path(base_dir: &Path, node: &str, spec: &GenerateSpec) -> PathBuf {
+    use sha2::{Digest, Sha256};
+    let settings = serde_yaml::to_string(spec).unwrap_or_default();
+    let hash = format!("{:x}", Sha256::digest(settings.as_bytes()));
+    cache_dir(base_dir)
+        .join("generated")
+        .join(format!("{node}-{}.png", &hash[..16]))
+}
+
+/// Every node's references to other nodes (which may not exist: planning reports those).
+fn node_dependencies(recipe: &Recipe) -> BTreeMap<String, BTreeSet<String>> {
+    let mut dependencies = BTreeMap::new();
+    for (name, node) in &recipe.nodes {
+        let mut reads: Vec<String> = Vec::new();
+        match node.operation() {
+            Some(Node::Generate(spec)) => {
+                for control in &spec.controls {
+                    reads.push(control.image.clone());
+                }
+                for ip in &spec.ip_adapters {
+                    reads.extend(ip.image.iter().flat_map(|i| i.names()));
+                    reads.extend(ip.images.iter().cloned());
+                    reads.extend(ip.mask.iter().cloned());
+                    reads.extend(ip.masks.iter().cloned());
+                    reads.extend(ip.negative_image.iter().cloned());
+                }
+            }
+            Some(Node::Preprocess { image, .. }) => reads.push(image.to_string()),
+            None => {}
+        }
+        let reads = reads
+            .into_iter()
+            .filter(|r| recipe.nodes.contains_key(r))
+            .collect();
+        dependencies.insert(name.clone(), reads);
+    }
+    dependencies
+}
+
+/// The nodes in an order where each comes after the nodes it reads, or the cycle that
+/// prevents one (`node`, message).
+fn dependency_order(
+    dependencies: &BTreeMap<String, BTreeSet<String>>,
+) -> std::result::Result<Vec<String>, (String, String)> {
+    fn visit(
+        node: &str,
+        dependencies: &BTreeMap<String, BTreeSet<String>>,
+        path: &mut Vec<String>,
+        done: &mut BTreeSet<String>,
+        order: &mut Vec<String>,
+    ) -> std::result::Result<(), (String, String)> {
+        if done.contains(node) {
+            return Ok(());
+        }
+        if let Some(start) = path.iter().position(|n| n == node) {
+            let mut cycle = path[start..].to_vec();
+            cycle.push(node.to_string());
+            return Err((
+                node.to_string(),
+                format!("nodes form a cycle: {}", cycle.join(" → ")),
+            ));
+        }
+        path.push(node.to_string());
+        for input in dependencies.get(node).into_iter().flatten() {
+            visit(input, dependencies, path, done, order)?;
+        }
+        path.pop();
+        done.insert(node.to_string());
+        order.push(node.to_string());
+        Ok(())
+    }
+    let mut order = Vec::new();
+    let mut done = BTreeSet::new();
+    for node in dependencies.keys() {
+        visit(node, dependencies, &mut Vec::new(), &mut done, &mut order)?;
+    }
+    Ok(order)
+}
+
+/// `roots` and every node they read, directly or through others.
+fn needed_nodes<'a>(
+    dependencies: &BTreeMap<String, BTreeSet<String>>,
+    roots: impl Iterator<Item = &'a str>,
+) -> BTreeSet<String> {
+    let mut needed = BTreeSet::new();
+    let mut stack: Vec<String> = roots.map(str::to_string).collect();
+    while let Some(node) = stack.pop() {
+        if needed.insert(node.clone()) {
+            stack.extend(dependencies.get(&node).into_iter().flatten().cloned());
+        }
+    }
+    needed
 }
 
 /// Reads only the safetensors header: the file must hold `latents` of the expected shape.

@@ -38,6 +38,8 @@ pub enum PreprocessInput {
     File(PathBuf),
     /// The result of another preprocessor node.
     Node(String),
+    /// The image a generate node makes in this run, saved at `path`.
+    Generated { node: String, path: PathBuf },
 }
 
 #[derive(Debug, Clone)]
@@ -49,6 +51,9 @@ pub struct PreprocessPlan {
     pub key: String,
     /// Where the result is (or will be) cached.
     pub cache_path: PathBuf,
+    /// Reads (maybe through other preprocessors) an image generated in this run: computed
+    /// again every run, after that generation.
+    pub after_generation: bool,
 }
 
 /// Whether [`materialize`] computed a node or found it cached.
@@ -83,7 +88,7 @@ fn plan_error(keys: &[&str], message: impl Into<String>) -> PlanError {
 pub fn plan_preprocessors(
     declared: Vec<Declared>,
     images: &BTreeMap<String, PathBuf>,
-    generate_nodes: &BTreeSet<String>,
+    generated: &BTreeMap<String, PathBuf>,
     cache_dir: &Path,
 ) -> std::result::Result<Vec<PreprocessPlan>, PlanError> {
     let by_name: BTreeMap<&str, &Declared> = declared.iter().map(|d| (d.node, d)).collect();
@@ -101,20 +106,15 @@ pub fn plan_preprocessors(
                 ),
             ));
         }
-        if generate_nodes.contains(d.image) {
-            return Err(plan_error(
-                &["nodes", d.node, d.settings.operation.name(), "image"],
-                format!(
-                    "`{}` is a generate node; preprocessors read images and other preprocessor nodes",
-                    d.image
-                ),
-            ));
-        }
-        if !images.contains_key(d.image) && !by_name.contains_key(d.image) {
+        if !images.contains_key(d.image)
+            && !by_name.contains_key(d.image)
+            && !generated.contains_key(d.image)
+        {
             let candidates: Vec<String> = images
                 .keys()
                 .cloned()
                 .chain(by_name.keys().map(|n| n.to_string()))
+                .chain(generated.keys().cloned())
                 .collect();
             return Err(plan_error(
                 &["nodes", d.node, d.settings.operation.name(), "image"],
@@ -160,7 +160,15 @@ pub fn plan_preprocessors(
     let mut result = Vec::with_capacity(order.len());
     for node in order {
         let d = by_name[node];
+        let mut after_generation = false;
         let (input, input_key) = match images.get(d.image) {
+            _ if generated.contains_key(d.image) => {
+                after_generation = true;
+                let path = generated[d.image].clone();
+                let key = format!("generated {}", path.display());
+                let node = d.image.to_string();
+                (PreprocessInput::Generated { node, path }, key)
+            }
             Some(path) => {
                 // Decoding problems surface now, before any weights load.
                 image::image_dimensions(path).map_err(|e| {
@@ -175,6 +183,7 @@ pub fn plan_preprocessors(
             }
             None => {
                 let upstream = &planned[d.image];
+                after_generation = upstream.after_generation;
                 (
                     PreprocessInput::Node(d.image.to_string()),
                     format!("node {}", upstream.key),
@@ -192,6 +201,7 @@ pub fn plan_preprocessors(
             input,
             key,
             cache_path,
+            after_generation,
         };
         planned.insert(node, plan.clone());
         result.push(plan);
@@ -200,10 +210,12 @@ pub fn plan_preprocessors(
 }
 
 /// Computes the preprocessors in `needed` (and the ones they read), in plan order, unless
-/// their result is already cached.
+/// their result is already cached. Those after a generation are computed once per run:
+/// `fresh` remembers which were.
 pub fn materialize(
     plans: &[PreprocessPlan],
     needed: &BTreeSet<String>,
+    fresh: &mut BTreeSet<String>,
 ) -> Result<Vec<(String, CacheUse)>> {
     let mut wanted = needed.clone();
     // Plans are ordered inputs-first, so walking backwards adds every upstream node.
@@ -216,12 +228,18 @@ pub fn materialize(
     }
     let mut report = Vec::new();
     for plan in plans.iter().filter(|p| wanted.contains(&p.node)) {
-        if plan.cache_path.is_file() {
+        let cached = if plan.after_generation {
+            fresh.contains(&plan.node)
+        } else {
+            plan.cache_path.is_file()
+        };
+        if cached {
             report.push((plan.node.clone(), CacheUse::Hit));
             continue;
         }
         let source = match &plan.input {
             PreprocessInput::File(path) => path.clone(),
+            PreprocessInput::Generated { path, .. } => path.clone(),
             PreprocessInput::Node(node) => plans
                 .iter()
                 .find(|p| &p.node == node)
@@ -240,6 +258,9 @@ pub fn materialize(
                 message: e.to_string(),
             })
         })?;
+        if plan.after_generation {
+            fresh.insert(plan.node.clone());
+        }
         report.push((plan.node.clone(), CacheUse::Computed));
     }
     Ok(report)

@@ -10,9 +10,10 @@ use crate::ip::{image_tokens, prepare, read_embeddings, IpSource};
 use crate::output::{save_latents, save_png, save_rgb_png};
 use crate::plan::GenerationPlan;
 use crate::plan::{OutputKind, Plan};
+use crate::preprocess::materialize;
 use ipcompose_models::clip_vision::{load_image_encoder, ClipVisionModel};
 use ipcompose_models::ip_adapter::IpAdapter;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::rc::Rc;
 
 use crate::control::{
@@ -91,12 +92,27 @@ impl<'o> Runner<'o> {
     ) -> Result<Vec<PathBuf>> {
         let options = self.options;
         self.check_outputs(plan)?;
-        crate::preprocess::materialize(&plan.preprocessors, &needed_preprocessors(plan))?;
+        // Preprocessors of input files first (cached across runs); those that read a
+        // generated image right before the generation that needs them, once per run.
+        let needed_preprocessors = |after_generation: bool, of: &dyn Fn(&str) -> bool| {
+            plan.preprocessors
+                .iter()
+                .filter(|p| p.after_generation == after_generation && of(&p.node))
+                .map(|p| p.node.clone())
+                .collect::<BTreeSet<String>>()
+        };
+        let mut fresh = BTreeSet::new();
+        let before = needed_preprocessors(false, &|node| plan.needed.contains(node));
+        materialize(&plan.preprocessors, &before, &mut fresh)?;
         let mut results: BTreeMap<&str, Generated> = BTreeMap::new();
         for generation in &plan.generations {
-            if !plan.outputs.iter().any(|o| o.node == generation.node) {
+            if !plan.needed.contains(&generation.node) {
                 continue;
             }
+            let reads = plan.dependencies.get(&generation.node);
+            let inputs =
+                needed_preprocessors(true, &|node| reads.is_some_and(|r| r.contains(node)));
+            materialize(&plan.preprocessors, &inputs, &mut fresh)?;
             if !self.loaded.contains_key(&generation.base) {
                 let base_plan = plan.models.get(&generation.base).ok_or_else(|| {
                     PipelineError::Plan(format!("unknown model `{}`", generation.base))
@@ -112,8 +128,14 @@ impl<'o> Runner<'o> {
             let generated = model.generate(generation, &conditions, &mut |p| {
                 progress(&generation.node, p)
             })?;
+            if let Some(path) = plan.generated.get(&generation.node) {
+                save_png(&generated.image, path, None)?;
+            }
             results.insert(generation.node.as_str(), generated);
         }
+        let outputs: BTreeSet<&str> = plan.outputs.iter().map(|o| o.node.as_str()).collect();
+        let late = needed_preprocessors(true, &|node| outputs.contains(node));
+        materialize(&plan.preprocessors, &late, &mut fresh)?;
         let mut written = Vec::new();
         for output in &plan.outputs {
             if let Some(preprocessor) = plan.preprocessor(&output.node) {
@@ -137,32 +159,6 @@ impl<'o> Runner<'o> {
         }
         Ok(written)
     }
-}
-
-/// Preprocessor nodes that an output writes or a generation that runs reads.
-fn needed_preprocessors(plan: &Plan) -> BTreeSet<String> {
-    let runs = |node: &str| plan.outputs.iter().any(|o| o.node == node);
-    let mut read: BTreeSet<&Path> = BTreeSet::new();
-    for generation in plan.generations.iter().filter(|g| runs(&g.node)) {
-        read.extend(generation.controls.iter().map(|c| c.image.as_path()));
-        for ip in &generation.ip_adapters {
-            read.extend(ip.masks.iter().map(PathBuf::as_path));
-            if let IpSource::Images {
-                images,
-                negative_image,
-                ..
-            } = &ip.source
-            {
-                read.extend(images.iter().map(PathBuf::as_path));
-                read.extend(negative_image.as_deref());
-            }
-        }
-    }
-    plan.preprocessors
-        .iter()
-        .filter(|p| runs(&p.node) || read.contains(p.cache_path.as_path()))
-        .map(|p| p.node.clone())
-        .collect()
 }
 
 /// Adapter weights and image encoders, each loaded once per run however many nodes use them.
