@@ -481,3 +481,144 @@ fn schedule_table_is_printed_by_validate() {
     ]);
     assert!(!ok && stderr.contains("2 values for 4 steps"), "{stderr}");
 }
+
+/// One case per error class: the message names the place (file:line, or line and column for
+/// parse errors), the offending name or value and the valid choices, the exit status is
+/// non-zero and nothing is written.
+#[test]
+fn every_error_class_names_the_place_and_writes_nothing() {
+    let cases: &[(&str, &str, &str, &[&str])] = &[
+        // wrong kind of value (serde: line and column)
+        (
+            "wrong-type",
+            "steps: 4",
+            "steps: many",
+            &["steps", "invalid type", "line 14 column"],
+        ),
+        (
+            "wrong-shape",
+            "size: [128, 128]",
+            "size: 128",
+            &["size", "invalid type", "line 13"],
+        ),
+        // YAML that does not parse
+        (
+            "yaml-syntax",
+            "steps: 4",
+            "steps: [4",
+            &["house.yaml", "line"],
+        ),
+        // unknown model kind, with the valid kinds
+        (
+            "model-kind",
+            "kind: sd15",
+            "kind: sdxxl",
+            &[
+                "house.yaml:4",
+                "unknown model kind `sdxxl`",
+                "sd15, sd2, ip-adapter",
+            ],
+        ),
+        // unknown scheduler, with the valid ones
+        (
+            "scheduler",
+            "kind: ddim",
+            "kind: dddim",
+            &["house.yaml:15", "dddim", "euler"],
+        ),
+        // an operation that is not one, with the valid ones
+        (
+            "node-op",
+            "    generate:\n",
+            "    generat:\n",
+            &["generat", "generate"],
+        ),
+        // a reference to a missing image, with a suggestion
+        (
+            "image-ref",
+            "outputs:",
+            "  edges: {canny: {image: huose}}\noutputs:",
+            &[
+                "nodes.edges.canny.image",
+                "unknown image `huose`",
+                "did you mean `house`",
+            ],
+        ),
+        // a cycle, spelled out
+        (
+            "cycle",
+            "outputs:",
+            "  a: {invert: {image: b}}\n  b: {invert: {image: a}}\noutputs:",
+            &["cycle", "a → b → a"],
+        ),
+        // a malformed sweep
+        (
+            "sweep",
+            "seed: 42",
+            "seed: {sweep: []}",
+            &["nodes.gen.generate.seed", "non-empty list"],
+        ),
+        // an output of the wrong type
+        (
+            "output-ext",
+            "path: out/house.png",
+            "path: out/house.jpg",
+            &["house.yaml:19", "must be a .png file"],
+        ),
+    ];
+    for (name, from, to, needles) in cases {
+        let (dir, recipe) = workspace(&format!("cli-error-{name}"));
+        edit(&recipe, from, to);
+        let (ok, _, stderr) = ipcompose(&["run", recipe.to_str().unwrap(), "--quiet"]);
+        assert!(!ok, "{name}: expected failure");
+        for needle in *needles {
+            assert!(
+                stderr.contains(needle),
+                "{name}: error should mention {needle:?}: {stderr}"
+            );
+        }
+        assert!(outputs(&dir).is_empty(), "{name}: {:?}", outputs(&dir));
+        assert!(
+            !dir.join("recipes/.ipcompose-cache").exists(),
+            "{name}: nothing cached either"
+        );
+    }
+}
+
+#[test]
+fn uncached_hub_id_and_bad_overrides_say_what_is_missing() {
+    let (dir, recipe) = workspace("cli-hub-missing");
+    edit(
+        &recipe,
+        "source: ../tiny-sd15",
+        "source: someone/some-model",
+    );
+    let empty_cache = dir.join("hub");
+    std::fs::create_dir_all(&empty_cache).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_ipcompose"))
+        .args(["run", recipe.to_str().unwrap(), "--quiet"])
+        .env("HF_HUB_CACHE", &empty_cache)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    for needle in [
+        "house.yaml:4",
+        "`someone/some-model`",
+        "models--someone--some-model",
+        "huggingface-cli download someone/some-model",
+    ] {
+        assert!(stderr.contains(needle), "{needle:?}: {stderr}");
+    }
+    assert!(outputs(&dir).is_empty());
+    let (ok, _, stderr) = ipcompose(&[
+        "run",
+        recipe.to_str().unwrap(),
+        "--set",
+        "outputs.5.path=x.png",
+    ]);
+    assert!(
+        !ok && stderr.contains("--set outputs.5.path=x.png") && stderr.contains("past the end"),
+        "{stderr}"
+    );
+}
