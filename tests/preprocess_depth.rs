@@ -16,8 +16,9 @@ use std::path::PathBuf;
 use candle_core::{DType, Device, Tensor};
 use common::{fixtures, get, max_abs, max_abs_diff, scratch};
 use ipcompose::models::depth_anything::{
-    load_depth_anything, load_depth_anything_with_config, original_name, DepthAnything,
-    DepthAnythingConfig, DepthAnythingVariant, PosEmbedInterpolation,
+    load_depth_anything, load_depth_anything_with_config, original_name, resolve_depth_anything,
+    DepthAnything, DepthAnythingConfig, DepthAnythingFormat, DepthAnythingVariant,
+    PosEmbedInterpolation,
 };
 use ipcompose::models::ModelError;
 use ipcompose::preprocess::depth::{depth_map, depth_to_map, network_size, prepare, INPUT_SIZE};
@@ -88,6 +89,58 @@ fn network_matches_transformers_folder() {
 #[test]
 fn network_matches_original_pth() {
     check_network(&original_model(), "depth_original");
+}
+
+/// The two position-embedding interpolations give different networks on a non-square input, so
+/// each layout must use its own (the fixture's outputs differ by about 4% of their range).
+#[test]
+fn interpolation_modes_differ() {
+    let pixels = load_tensors("pixel_values.safetensors");
+    let depth = load_tensors("depth.safetensors");
+    let out = hf_model().forward(get(&pixels, "pixel_values")).unwrap();
+    let other = get(&depth, "depth_original");
+    let diff = max_abs_diff(&out, other);
+    assert!(
+        diff > 100.0 * RELATIVE_TOLERANCE * max_abs(other),
+        "transformers-mode output is within {diff} of the original-mode reference"
+    );
+}
+
+/// An original-layout file of a public size is recognised from its shapes alone (only the
+/// tensors the detection reads are written; the full vits network is not built).
+#[test]
+fn original_layout_size_is_detected_from_shapes() {
+    let dir = scratch("depth-detect-vits");
+    let path = dir.join("depth_anything_v2_vits.safetensors");
+    let zeros = |shape: &[usize]| Tensor::zeros(shape, DType::F32, &Device::Cpu).unwrap();
+    let mut tensors = std::collections::HashMap::new();
+    tensors.insert("pretrained.cls_token".to_string(), zeros(&[1, 1, 384]));
+    tensors.insert("pretrained.pos_embed".to_string(), zeros(&[1, 1370, 384]));
+    for i in 0..12 {
+        tensors.insert(format!("pretrained.blocks.{i}.norm1.weight"), zeros(&[384]));
+    }
+    for (i, c) in [48, 96, 192, 384].into_iter().enumerate() {
+        tensors.insert(
+            format!("depth_head.projects.{i}.weight"),
+            zeros(&[c, 384, 1, 1]),
+        );
+    }
+    candle_core::safetensors::save(&tensors, &path).unwrap();
+    let (_, files) = resolve_depth_anything(&path).unwrap();
+    assert_eq!(files.format, DepthAnythingFormat::Original);
+    let mut expected = DepthAnythingVariant::Small.config();
+    expected.pos_embed_interpolation = PosEmbedInterpolation::Original;
+    assert_eq!(files.config, expected);
+
+    // One block short: named, with what was expected.
+    tensors.remove("pretrained.blocks.11.norm1.weight");
+    candle_core::safetensors::save(&tensors, &path).unwrap();
+    let message = resolve_depth_anything(&path)
+        .err()
+        .expect("11 blocks")
+        .to_string();
+    assert!(message.contains("11 blocks, expected 12"), "{message}");
+    assert!(message.contains(&path.display().to_string()), "{message}");
 }
 
 #[test]

@@ -335,7 +335,9 @@ impl DepthAnythingConfig {
 
     /// Checks the relations between the fields that the network relies on.
     pub fn validate(&self) -> std::result::Result<(), String> {
-        if self.num_attention_heads == 0 || self.hidden_size % self.num_attention_heads != 0 {
+        if self.num_attention_heads == 0
+            || !self.hidden_size.is_multiple_of(self.num_attention_heads)
+        {
             return Err(format!(
                 "`hidden_size` {} is not a multiple of `num_attention_heads` {}",
                 self.hidden_size, self.num_attention_heads
@@ -992,7 +994,7 @@ impl DepthAnything {
     pub fn forward(&self, pixel_values: &Tensor) -> Result<Tensor> {
         let (_, c, h, w) = pixel_values.dims4()?;
         let p = self.config.patch_size;
-        if c != 3 || h % p != 0 || w % p != 0 || h == 0 || w == 0 {
+        if c != 3 || !h.is_multiple_of(p) || !w.is_multiple_of(p) || h == 0 || w == 0 {
             return Err(candle_core::Error::Msg(format!(
                 "Depth Anything input must be [B, 3, H, W] with H and W positive multiples of {p}, got {:?}",
                 pixel_values.dims()
@@ -1189,20 +1191,22 @@ pub struct DepthAnythingFiles {
 pub fn resolve_depth_anything(
     path: &Path,
 ) -> crate::error::Result<(WeightStore, DepthAnythingFiles)> {
-    let (weights, config_path) = if path.is_dir() {
-        let files = crate::weights::find_component_weights(path, "model", None)
-            .or_else(|_| crate::weights::find_component_weights(path, "pytorch_model", None))?;
-        if files.len() != 1 {
-            return Err(ModelError::Weights(format!(
+    let folder_weights = |dir: &Path| -> crate::error::Result<PathBuf> {
+        let files = crate::weights::find_component_weights(dir, "model", None)
+            .or_else(|_| crate::weights::find_component_weights(dir, "pytorch_model", None))?;
+        match files.as_slice() {
+            [one] => Ok(one.clone()),
+            _ => Err(ModelError::Weights(format!(
                 "{}: sharded Depth Anything weights are not supported",
-                path.display()
-            )));
+                dir.display()
+            ))),
         }
-        (files[0].clone(), Some(path.join("config.json")))
+    };
+    let (weights, config_path) = if path.is_dir() {
+        (folder_weights(path)?, Some(path.join("config.json")))
     } else if path.file_name().and_then(|n| n.to_str()) == Some("config.json") {
         let dir = path.parent().unwrap_or(Path::new("."));
-        let files = crate::weights::find_component_weights(dir, "model", None)?;
-        (files[0].clone(), Some(path.to_path_buf()))
+        (folder_weights(dir)?, Some(path.to_path_buf()))
     } else {
         let beside = path.parent().map(|d| d.join("config.json"));
         (path.to_path_buf(), beside.filter(|c| c.is_file()))
