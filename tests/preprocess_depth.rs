@@ -18,7 +18,7 @@ use common::{fixtures, get, max_abs, max_abs_diff, scratch};
 use ipcompose::models::depth_anything::{
     load_depth_anything, load_depth_anything_with_config, original_name, resolve_depth_anything,
     DepthAnything, DepthAnythingConfig, DepthAnythingFormat, DepthAnythingVariant,
-    PosEmbedInterpolation,
+    DepthEstimationType, PosEmbedInterpolation,
 };
 use ipcompose::models::ModelError;
 use ipcompose::preprocess::depth::{depth_map, depth_to_map, network_size, prepare, INPUT_SIZE};
@@ -131,6 +131,16 @@ fn original_layout_size_is_detected_from_shapes() {
     let mut expected = DepthAnythingVariant::Small.config();
     expected.pos_embed_interpolation = PosEmbedInterpolation::Original;
     assert_eq!(files.config, expected);
+
+    // The metric releases differ only by name.
+    let metric = dir.join("depth_anything_v2_metric_vkitti_vitl.safetensors");
+    std::fs::copy(&path, &metric).unwrap();
+    let (_, files) = resolve_depth_anything(&metric).unwrap();
+    assert_eq!(
+        files.config.depth_estimation_type,
+        DepthEstimationType::Metric
+    );
+    assert_eq!(files.config.max_depth, 80.0);
 
     // One block short: named, with what was expected.
     tensors.remove("pretrained.blocks.11.norm1.weight");

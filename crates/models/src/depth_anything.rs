@@ -1139,6 +1139,21 @@ fn original_config(store: &WeightStore, path: &Path) -> crate::error::Result<Dep
     })?;
     let mut config = variant.config();
     config.pos_embed_interpolation = PosEmbedInterpolation::Original;
+    // The metric releases (`depth_anything_v2_metric_{hypersim,vkitti}_vitl.pth`) have the same
+    // tensors; only the name tells them apart, as in the annotators. Their head ends in a
+    // sigmoid times `max_depth` (20 m indoor / hypersim, 80 m outdoor / vkitti).
+    let file_name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().to_lowercase())
+        .unwrap_or_default();
+    if file_name.contains("metric") {
+        config.depth_estimation_type = DepthEstimationType::Metric;
+        config.max_depth = if file_name.contains("vkitti") {
+            80.0
+        } else {
+            20.0
+        };
+    }
     let blocks = (0..)
         .take_while(|i| {
             store
@@ -1187,7 +1202,8 @@ pub struct DepthAnythingFiles {
 ///
 /// - a folder with `config.json` and `model.safetensors` (or `pytorch_model.bin`), or either of
 ///   those files (the config is read from beside it);
-/// - an original `depth_anything_v2_vit{s,b,l}.pth` (the size comes from the tensor shapes).
+/// - an original `depth_anything_v2_vit{s,b,l}.pth` (the size comes from the tensor shapes; a
+///   file name containing `metric` selects the metric head, `vkitti` its 80 m range).
 pub fn resolve_depth_anything(
     path: &Path,
 ) -> crate::error::Result<(WeightStore, DepthAnythingFiles)> {
@@ -1264,7 +1280,8 @@ pub fn load_depth_anything(
 }
 
 /// Loads an original-layout `.pth` (or any layout) with an explicit config, for sizes the shape
-/// detection does not know.
+/// detection does not know. The config is used as given, `pos_embed_interpolation` included
+/// (set it to [`PosEmbedInterpolation::Original`] to reproduce the original code).
 pub fn load_depth_anything_with_config(
     path: &Path,
     config: &DepthAnythingConfig,
