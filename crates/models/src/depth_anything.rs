@@ -150,8 +150,13 @@ pub struct DepthAnythingConfig {
 struct RawBackbone {
     #[serde(default)]
     model_type: Option<String>,
+    // transformers writes nested configs as a diff against `Dinov2Config()`'s defaults (the
+    // ViT-B/14 sizes), so the hub's Base config may omit all three.
+    #[serde(default = "default_hidden")]
     hidden_size: usize,
+    #[serde(default = "default_layers_heads")]
     num_hidden_layers: usize,
+    #[serde(default = "default_layers_heads")]
     num_attention_heads: usize,
     #[serde(default = "default_mlp_ratio")]
     mlp_ratio: f64,
@@ -201,6 +206,12 @@ struct RawConfig {
     max_depth: Option<f64>,
 }
 
+fn default_hidden() -> usize {
+    768
+}
+fn default_layers_heads() -> usize {
+    12
+}
 fn default_mlp_ratio() -> f64 {
     4.0
 }
@@ -1291,4 +1302,83 @@ pub fn load_depth_anything_with_config(
     let store = WeightStore::open(&[path.to_path_buf()])?;
     let format = detect_format(&store, path)?;
     build_depth_anything(store, format, config, dtype, device)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A config in the shape of the hub's `Depth-Anything-V2-Small-hf/config.json` (transformers
+    /// 4.x era: `out_features` and `out_indices`, `max_depth` null, extra keys).
+    const HUB_SMALL: &str = r#"{
+      "architectures": ["DepthAnythingForDepthEstimation"],
+      "backbone": null,
+      "backbone_config": {
+        "architectures": ["Dinov2Model"], "hidden_size": 384, "image_size": 518,
+        "model_type": "dinov2", "num_attention_heads": 6,
+        "out_features": ["stage3", "stage6", "stage9", "stage12"],
+        "reshape_hidden_states": false, "torch_dtype": "float32"
+      },
+      "depth_estimation_type": "relative", "fusion_hidden_size": 64, "head_hidden_size": 32,
+      "head_in_index": -1, "max_depth": null, "model_type": "depth_anything",
+      "neck_hidden_sizes": [48, 96, 192, 384], "patch_size": 14,
+      "reassemble_factors": [4, 2, 1, 0.5], "reassemble_hidden_size": 384,
+      "torch_dtype": "float32", "transformers_version": "4.42.0.dev0", "use_pretrained_backbone": false
+    }"#;
+
+    fn write(name: &str, text: &str) -> PathBuf {
+        let dir =
+            std::env::temp_dir().join(format!("ipcompose-depth-{}-{name}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("config.json");
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    #[test]
+    fn hub_config_reads_as_the_small_preset() {
+        let path = write("hub", HUB_SMALL);
+        let config = DepthAnythingConfig::from_file(&path).unwrap();
+        assert_eq!(config, DepthAnythingVariant::Small.config());
+        // Base: every backbone size is Dinov2Config's default and may be left out.
+        let base = HUB_SMALL
+            .replace("\"hidden_size\": 384, ", "")
+            .replace("\"num_attention_heads\": 6,", "")
+            .replace("[48, 96, 192, 384]", "[96, 192, 384, 768]")
+            .replace("\"fusion_hidden_size\": 64", "\"fusion_hidden_size\": 128")
+            .replace(
+                "\"reassemble_hidden_size\": 384",
+                "\"reassemble_hidden_size\": 768",
+            );
+        let config = DepthAnythingConfig::from_file(&write("hub-base", &base)).unwrap();
+        assert_eq!(config, DepthAnythingVariant::Base.config());
+    }
+
+    #[test]
+    fn config_errors_name_the_file() {
+        let path = write(
+            "swiglu",
+            &HUB_SMALL.replace(
+                "\"hidden_size\": 384,",
+                "\"hidden_size\": 384, \"use_swiglu_ffn\": true,",
+            ),
+        );
+        let message = DepthAnythingConfig::from_file(&path)
+            .unwrap_err()
+            .to_string();
+        assert!(message.contains(&path.display().to_string()), "{message}");
+        assert!(message.contains("use_swiglu_ffn"), "{message}");
+    }
+
+    #[test]
+    fn cubic_weights_sum_to_one_and_interpolate() {
+        for t in [0.0, 0.25, 0.5, 0.9] {
+            let w = cubic_coefficients(t);
+            assert!((w.iter().sum::<f64>() - 1.0).abs() < 1e-12);
+        }
+        assert_eq!(cubic_coefficients(0.0), [0.0, 1.0, 0.0, 0.0]);
+        // Same size with scale 1 is the identity.
+        let grid: Vec<f32> = (0..12).map(|v| v as f32).collect();
+        assert_eq!(bicubic_tokens(&grid, 2, 3, 2, 2, 3, 1.0, 1.0), grid);
+    }
 }
