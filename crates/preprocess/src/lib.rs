@@ -3,6 +3,8 @@
 //!
 //! - [`canny`]: OpenCV's `Canny` on the 3-channel RGB image, bit for bit (see that module).
 //! - [`simple`]: `invert`, `threshold` (scribble), `blur` (tile) and `shuffle` (content shuffle).
+//! - [`depth`]: the Depth Anything V2 depth map, as the original repository's `infer_image` and
+//!   the ControlNet depth annotator make it (the network is in `ipcompose-models`).
 //! - [`resize`]: the annotators' detect-resolution step (`resize_image`) and OpenCV's
 //!   `INTER_AREA`, `INTER_LANCZOS4` and `INTER_LINEAR` resampling of 8-bit images.
 //!
@@ -10,6 +12,7 @@
 //! resolution, run, and optionally resize the map to an output size.
 
 pub mod canny;
+pub mod depth;
 pub mod resize;
 pub mod simple;
 
@@ -25,6 +28,9 @@ pub enum PreprocessError {
     Write { path: PathBuf, message: String },
     #[error("{0}")]
     Invalid(String),
+    /// A network preprocessor (depth) failed to run.
+    #[error(transparent)]
+    Model(#[from] ipcompose_models::ModelError),
 }
 
 pub type Result<T> = std::result::Result<T, PreprocessError>;
