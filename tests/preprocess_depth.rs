@@ -346,3 +346,55 @@ fn wrong_kind_of_file_is_named() {
     assert!(message.contains("config.json"), "{message}");
     assert!(message.contains("depth_anything"), "{message}");
 }
+
+/// The recipe node and `ipcompose preprocess depth` run the same map as the library; a file
+/// of the wrong kind named as a depth model stops the plan at its line, before anything runs.
+#[test]
+fn depth_node_and_command_line_use_the_model() {
+    let dir = scratch("depth-node");
+    let expected = depth_map(&hf_model(), &input_image(), INPUT_SIZE).unwrap();
+    let recipe = |model: &std::path::Path| {
+        format!(
+            "version: 1\nmodels:\n  depth_small: {{kind: depth-anything, source: {}}}\nimages:\n  photo: {}\nnodes:\n  depthmap: {{depth: {{image: photo, model: depth_small}}}}\noutputs:\n  - {{image: depthmap, path: depth.png}}\n",
+            model.display(),
+            depth_dir().join("input.png").display()
+        )
+    };
+    let path = dir.join("recipe.yaml");
+    let text = recipe(&depth_dir().join("tiny-hf"));
+    std::fs::write(&path, &text).unwrap();
+    std::env::set_var("IPCOMPOSE_CACHE_DIR", dir.join("cache"));
+    let batch = ipcompose::pipeline::batch::Batch::plan(&text, &path, &[]).unwrap();
+    batch
+        .run(&Default::default(), &mut |_, _| {})
+        .unwrap_or_else(|e| panic!("{e}"));
+    let written = image::open(dir.join("depth.png")).unwrap().to_rgb8();
+    assert_eq!(written.as_raw(), expected.as_raw(), "recipe node");
+
+    let out = dir.join("cli.png");
+    let status = std::process::Command::new(env!("CARGO_BIN_EXE_ipcompose"))
+        .args(["preprocess", "depth"])
+        .arg(depth_dir().join("input.png"))
+        .arg(&out)
+        .arg("--model")
+        .arg(depth_dir().join("tiny-hf"))
+        .output()
+        .unwrap();
+    assert!(status.status.success(), "{status:?}");
+    let cli = image::open(&out).unwrap().to_rgb8();
+    assert_eq!(cli.as_raw(), expected.as_raw(), "command line");
+
+    let unet = fixtures().join("tiny-sd15/unet/diffusion_pytorch_model.safetensors");
+    let text = recipe(&unet);
+    let err = match ipcompose::pipeline::batch::Batch::plan(
+        &text,
+        &path,
+        &["outputs.0.path=bad.png".into()],
+    ) {
+        Ok(_) => panic!("a UNet was accepted as a depth model"),
+        Err(e) => e.to_string(),
+    };
+    assert!(err.contains("recipe.yaml:3"), "{err}");
+    assert!(err.contains("not a Depth Anything V2 checkpoint"), "{err}");
+    assert!(!dir.join("bad.png").exists());
+}

@@ -19,6 +19,8 @@ pub enum Kind {
     Blur,
     /// Content shuffle (--seed).
     Shuffle,
+    /// Depth Anything V2 depth map, near = bright (--model, --input-size).
+    Depth,
 }
 
 #[derive(Debug, clap::Args)]
@@ -55,6 +57,13 @@ pub struct PreprocessArgs {
     /// shuffle: seed of the random flow field [default: 0].
     #[arg(long)]
     pub seed: Option<u64>,
+    /// depth: the checkpoint (a transformers folder such as Depth-Anything-V2-Small-hf, or
+    /// an original depth_anything_v2_vit*.pth).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// depth: the network's short side, a multiple of 14 [default: 518].
+    #[arg(long)]
+    pub input_size: Option<u32>,
     /// Replace the output file if it exists.
     #[arg(long)]
     pub overwrite: bool,
@@ -69,6 +78,8 @@ fn operation(args: &PreprocessArgs) -> anyhow::Result<Operation> {
         ("--level", args.level.is_some(), Kind::Threshold),
         ("--factor", args.factor.is_some(), Kind::Blur),
         ("--seed", args.seed.is_some(), Kind::Shuffle),
+        ("--input-size", args.input_size.is_some(), Kind::Depth),
+        ("--model", args.model.is_some(), Kind::Depth),
     ];
     for (flag, present, kind) in given {
         if present && kind != args.kind {
@@ -94,6 +105,19 @@ fn operation(args: &PreprocessArgs) -> anyhow::Result<Operation> {
         Kind::Shuffle => Operation::Shuffle {
             seed: args.seed.unwrap_or(0),
         },
+        Kind::Depth => {
+            let model = args
+                .model
+                .clone()
+                .context("depth needs --model (a Depth Anything V2 checkpoint)")?;
+            ipcompose::models::depth_anything::resolve_depth_anything(&model)?;
+            Operation::Depth {
+                model,
+                input_size: args
+                    .input_size
+                    .unwrap_or(ipcompose::preprocess::depth::INPUT_SIZE),
+            }
+        }
     })
 }
 
@@ -104,6 +128,7 @@ fn kind_name(kind: Kind) -> &'static str {
         Kind::Threshold => "threshold",
         Kind::Blur => "blur",
         Kind::Shuffle => "shuffle",
+        Kind::Depth => "depth",
     }
 }
 

@@ -217,7 +217,16 @@ impl Plan {
         let mut models = BTreeMap::new();
         let mut ip_models = BTreeMap::new();
         let mut control_models = BTreeMap::new();
+        let mut preprocessor_models = BTreeMap::new();
         for (name, spec) in &recipe.models {
+            if let Some(kind) = PreprocessorModelKind::parse(&spec.kind) {
+                let source = resolve_model_source(&spec.source, spec.revision.as_deref(), base_dir)
+                    .map_err(|e| cx.error(&["models", name, "source"], e))?;
+                kind.check(&source)
+                    .map_err(|e| cx.error(&["models", name, "source"], e))?;
+                preprocessor_models.insert(name.clone(), (kind, source));
+                continue;
+            }
             if is_ip_adapter_kind(&spec.kind) {
                 ip_models.insert(name.clone(), plan_ip_model(&cx, name, spec, base_dir)?);
                 continue;
@@ -240,7 +249,7 @@ impl Plan {
                 cx.error(
                     &["models", name, "kind"],
                     format!(
-                        "unknown model kind `{}` (supported: sd15, sd2, ip-adapter, controlnet, t2i-adapter)",
+                        "unknown model kind `{}` (supported: sd15, sd2, ip-adapter, controlnet, t2i-adapter, depth-anything)",
                         spec.kind
                     ),
                 )
@@ -345,11 +354,40 @@ impl Plan {
                     generate_nodes.insert(name.clone());
                     generated.insert(name.clone(), generated_path(base_dir, name, spec));
                 }
-                Some(Node::Preprocess { image, settings }) => declared.push(Declared {
-                    node: name,
+                Some(Node::Preprocess {
                     image,
-                    settings,
-                }),
+                    mut settings,
+                    model,
+                }) => {
+                    if let Some(model) = model {
+                        let op = settings.operation.name();
+                        let names: Vec<String> = preprocessor_models.keys().cloned().collect();
+                        let (kind, path) = preprocessor_models.get(model).ok_or_else(|| {
+                            cx.error(
+                                &["nodes", name, op, "model"],
+                                format!(
+                                    "unknown {op} model `{model}`{}",
+                                    did_you_mean(model, &names)
+                                ),
+                            )
+                        })?;
+                        if kind.operation() != op {
+                            return Err(cx.error(
+                                &["nodes", name, op, "model"],
+                                format!(
+                                    "`{model}` is a {} model; `{op}` needs a {op} model",
+                                    kind.operation()
+                                ),
+                            ));
+                        }
+                        settings.operation.set_model(path.clone());
+                    }
+                    declared.push(Declared {
+                        node: name,
+                        image,
+                        settings,
+                    })
+                }
                 None => {
                     return Err(cx.error(
                         &["nodes", name],
@@ -958,6 +996,37 @@ fn plan_generate(
         init,
         clip_skip: spec.clip_skip,
     })
+}
+
+/// Models that preprocessor nodes run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PreprocessorModelKind {
+    DepthAnything,
+}
+
+impl PreprocessorModelKind {
+    fn parse(kind: &str) -> Option<Self> {
+        match kind.to_ascii_lowercase().as_str() {
+            "depth-anything" | "depth_anything" | "depth-anything-v2" => Some(Self::DepthAnything),
+            _ => None,
+        }
+    }
+
+    /// The node operation that uses this kind.
+    fn operation(self) -> &'static str {
+        match self {
+            Self::DepthAnything => "depth",
+        }
+    }
+
+    /// Reads headers and configs only: the file must be a checkpoint of this kind.
+    fn check(self, source: &Path) -> std::result::Result<(), String> {
+        match self {
+            Self::DepthAnything => ipcompose_models::depth_anything::resolve_depth_anything(source)
+                .map(|_| ())
+                .map_err(|e| e.to_string()),
+        }
+    }
 }
 
 /// Where a generate node's image is saved for the nodes that read it: the cache folder,

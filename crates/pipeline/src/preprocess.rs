@@ -216,6 +216,7 @@ pub fn materialize(
     plans: &[PreprocessPlan],
     needed: &BTreeSet<String>,
     fresh: &mut BTreeSet<String>,
+    networks: &mut ipcompose_preprocess::Networks,
 ) -> Result<Vec<(String, CacheUse)>> {
     let mut wanted = needed.clone();
     // Plans are ordered inputs-first, so walking backwards adds every upstream node.
@@ -250,7 +251,7 @@ pub fn materialize(
             .map_err(|e| PipelineError::Plan(format!("preprocessor node `{}`: {e}", plan.node)))?;
         let result = plan
             .settings
-            .apply(&image)
+            .apply_with(&image, networks)
             .map_err(|e| PipelineError::Plan(format!("preprocessor node `{}`: {e}", plan.node)))?;
         write_atomically(&plan.cache_path, |tmp| {
             ipcompose_preprocess::save_png(&result, tmp).map_err(|e| PipelineError::Output {

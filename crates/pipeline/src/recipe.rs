@@ -76,25 +76,31 @@ pub struct NodeSpec {
     pub blur: Option<BlurSpec>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shuffle: Option<ShuffleSpec>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub depth: Option<DepthSpec>,
 }
 
 /// The operation keys a node may have.
-pub const NODE_OPERATIONS: [&str; 6] = [
+pub const NODE_OPERATIONS: [&str; 7] = [
     "generate",
     "canny",
     "invert",
     "threshold",
     "blur",
     "shuffle",
+    "depth",
 ];
 
 #[derive(Debug, Clone)]
 pub enum Node<'a> {
     Generate(&'a GenerateSpec),
-    /// A preprocessor: `image` names an input image or another preprocessor node.
+    /// A preprocessor: `image` names an input image or another node. A network preprocessor
+    /// names its `model` (from `models:`); its settings hold that name as the model path
+    /// until planning puts the model's files there.
     Preprocess {
         image: &'a str,
         settings: ipcompose_preprocess::Settings,
+        model: Option<&'a str>,
     },
 }
 
@@ -103,6 +109,7 @@ impl NodeSpec {
     pub fn operation(&self) -> Option<Node<'_>> {
         use ipcompose_preprocess::Operation;
         let mut preprocessors: Vec<(&str, Operation, Option<u32>)> = Vec::new();
+        let mut model = None;
         if let Some(s) = &self.canny {
             let operation = Operation::Canny {
                 low: s.low,
@@ -125,6 +132,14 @@ impl NodeSpec {
             let operation = Operation::Shuffle { seed: s.seed };
             preprocessors.push((&s.image, operation, s.detect_resolution));
         }
+        if let Some(s) = &self.depth {
+            let operation = Operation::Depth {
+                model: s.model.clone().into(),
+                input_size: s.input_size,
+            };
+            model = Some(s.model.as_str());
+            preprocessors.push((&s.image, operation, s.detect_resolution));
+        }
         match (&self.generate, preprocessors.len()) {
             (Some(spec), 0) => Some(Node::Generate(spec)),
             (None, 1) => {
@@ -136,7 +151,11 @@ impl NodeSpec {
                     Some(resolution) => settings.detect_resolution = Some(resolution),
                     None => {}
                 }
-                Some(Node::Preprocess { image, settings })
+                Some(Node::Preprocess {
+                    image,
+                    settings,
+                    model,
+                })
             }
             _ => None,
         }
@@ -200,6 +219,25 @@ pub struct ShuffleSpec {
     /// Default 512, as the annotator; 0 keeps the input size.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub detect_resolution: Option<u32>,
+}
+
+/// `depth: {image, model, input_size}`: Depth Anything V2, near = bright.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct DepthSpec {
+    pub image: String,
+    /// A model of `kind: depth-anything`.
+    pub model: String,
+    /// The network's short side (multiple of 14), as `infer_image`'s `input_size`.
+    #[serde(default = "default_depth_input_size")]
+    pub input_size: u32,
+    /// Default: the input's size (the network resizes internally).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detect_resolution: Option<u32>,
+}
+
+fn default_depth_input_size() -> u32 {
+    ipcompose_preprocess::depth::INPUT_SIZE
 }
 
 fn default_canny_low() -> f64 {

@@ -59,6 +59,7 @@ pub struct Runner<'o> {
     options: &'o RunOptions,
     loaded: BTreeMap<String, BaseModel>,
     adapters: AdapterCache,
+    networks: ipcompose_preprocess::Networks,
 }
 
 impl<'o> Runner<'o> {
@@ -67,6 +68,7 @@ impl<'o> Runner<'o> {
             options,
             loaded: BTreeMap::new(),
             adapters: AdapterCache::default(),
+            networks: ipcompose_preprocess::Networks::default(),
         }
     }
 
@@ -103,7 +105,7 @@ impl<'o> Runner<'o> {
         };
         let mut fresh = BTreeSet::new();
         let before = needed_preprocessors(false, &|node| plan.needed.contains(node));
-        materialize(&plan.preprocessors, &before, &mut fresh)?;
+        materialize(&plan.preprocessors, &before, &mut fresh, &mut self.networks)?;
         let mut results: BTreeMap<&str, Generated> = BTreeMap::new();
         for generation in &plan.generations {
             if !plan.needed.contains(&generation.node) {
@@ -112,7 +114,7 @@ impl<'o> Runner<'o> {
             let reads = plan.dependencies.get(&generation.node);
             let inputs =
                 needed_preprocessors(true, &|node| reads.is_some_and(|r| r.contains(node)));
-            materialize(&plan.preprocessors, &inputs, &mut fresh)?;
+            materialize(&plan.preprocessors, &inputs, &mut fresh, &mut self.networks)?;
             if !self.loaded.contains_key(&generation.base) {
                 let base_plan = plan.models.get(&generation.base).ok_or_else(|| {
                     PipelineError::Plan(format!("unknown model `{}`", generation.base))
@@ -135,7 +137,7 @@ impl<'o> Runner<'o> {
         }
         let outputs: BTreeSet<&str> = plan.outputs.iter().map(|o| o.node.as_str()).collect();
         let late = needed_preprocessors(true, &|node| outputs.contains(node));
-        materialize(&plan.preprocessors, &late, &mut fresh)?;
+        materialize(&plan.preprocessors, &late, &mut fresh, &mut self.networks)?;
         let mut written = Vec::new();
         for output in &plan.outputs {
             if let Some(preprocessor) = plan.preprocessor(&output.node) {

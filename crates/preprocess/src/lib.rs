@@ -48,10 +48,33 @@ pub enum Operation {
     Blur { factor: f64 },
     /// Content shuffle: a smooth random remap drawn from `seed`.
     Shuffle { seed: u64 },
+    /// Depth Anything V2 depth map (near = bright) from the checkpoint at `model` (a
+    /// transformers folder or an original `.pth`); `input_size` is the network's short side.
+    Depth { model: PathBuf, input_size: u32 },
 }
 
 /// The names accepted for [`Operation`]s, for messages and the command line.
-pub const KINDS: [&str; 5] = ["canny", "invert", "threshold", "blur", "shuffle"];
+pub const KINDS: [&str; 6] = ["canny", "invert", "threshold", "blur", "shuffle", "depth"];
+
+/// Networks that preprocessors run, each loaded once (by its file) however many nodes use it.
+#[derive(Default)]
+pub struct Networks {
+    depth: std::collections::BTreeMap<PathBuf, ipcompose_models::depth_anything::DepthAnything>,
+}
+
+impl Networks {
+    fn depth(&mut self, model: &Path) -> Result<&ipcompose_models::depth_anything::DepthAnything> {
+        if !self.depth.contains_key(model) {
+            let network = ipcompose_models::depth_anything::load_depth_anything(
+                model,
+                candle_core::DType::F32,
+                &candle_core::Device::Cpu,
+            )?;
+            self.depth.insert(model.to_path_buf(), network);
+        }
+        Ok(&self.depth[model])
+    }
+}
 
 impl Operation {
     pub fn name(&self) -> &'static str {
@@ -61,6 +84,7 @@ impl Operation {
             Operation::Threshold { .. } => "threshold",
             Operation::Blur { .. } => "blur",
             Operation::Shuffle { .. } => "shuffle",
+            Operation::Depth { .. } => "depth",
         }
     }
 
@@ -69,7 +93,18 @@ impl Operation {
     pub fn default_detect_resolution(&self) -> Option<u32> {
         match self {
             Operation::Canny { .. } | Operation::Shuffle { .. } => Some(512),
-            Operation::Invert | Operation::Threshold { .. } | Operation::Blur { .. } => None,
+            // Depth maps come out at the input's size; the network resizes internally.
+            Operation::Invert
+            | Operation::Threshold { .. }
+            | Operation::Blur { .. }
+            | Operation::Depth { .. } => None,
+        }
+    }
+
+    /// Points a network operation at its model's files (planning resolves recipe names).
+    pub fn set_model(&mut self, path: PathBuf) {
+        if let Operation::Depth { model, .. } = self {
+            *model = path;
         }
     }
 
@@ -89,13 +124,25 @@ impl Operation {
                     )));
                 }
             }
+            Operation::Depth { input_size, .. } => {
+                if input_size < depth::MULTIPLE {
+                    return Err(PreprocessError::Invalid(format!(
+                        "depth input size must be at least {}, got {input_size}",
+                        depth::MULTIPLE
+                    )));
+                }
+            }
             Operation::Invert | Operation::Threshold { .. } | Operation::Shuffle { .. } => {}
         }
         Ok(())
     }
 
-    fn run(&self, image: &RgbImage) -> Result<RgbImage> {
+    fn run(&self, image: &RgbImage, networks: &mut Networks) -> Result<RgbImage> {
         Ok(match *self {
+            Operation::Depth {
+                ref model,
+                input_size,
+            } => depth::depth_map(networks.depth(model)?, image, input_size)?,
             Operation::Canny { low, high } => canny::canny(image, low, high),
             Operation::Invert => simple::invert(image),
             Operation::Threshold { level } => simple::threshold(image, level),
@@ -145,7 +192,13 @@ impl Settings {
         Ok(())
     }
 
+    /// Runs the preprocessor; a network it needs is loaded for this call only.
     pub fn apply(&self, image: &RgbImage) -> Result<RgbImage> {
+        self.apply_with(image, &mut Networks::default())
+    }
+
+    /// Runs the preprocessor with networks kept in `networks` between calls.
+    pub fn apply_with(&self, image: &RgbImage, networks: &mut Networks) -> Result<RgbImage> {
         self.validate()?;
         if image.width() == 0 || image.height() == 0 {
             return Err(PreprocessError::Invalid("the image is empty".to_string()));
@@ -153,9 +206,9 @@ impl Settings {
         let detected = match self.detect_resolution {
             Some(resolution) => {
                 let resized = resize::resize_image(image, resolution)?;
-                self.operation.run(&resized)?
+                self.operation.run(&resized, networks)?
             }
-            None => self.operation.run(image)?,
+            None => self.operation.run(image, networks)?,
         };
         Ok(match self.output_size {
             Some((w, h)) => resize::resize(&detected, w, h, resize::Interpolation::Linear),
@@ -172,11 +225,50 @@ impl Settings {
             Operation::Threshold { level } => format!("threshold level={level}"),
             Operation::Blur { factor } => format!("blur factor={factor:?}"),
             Operation::Shuffle { seed } => format!("shuffle seed={seed}"),
+            Operation::Depth { model, input_size } => format!(
+                "depth model={} ({}) input_size={input_size}",
+                model.display(),
+                file_stamp(model)
+            ),
         };
         format!(
             "ipcompose-preprocess/{ALGORITHM_VERSION} {op} detect={:?} output={:?}",
             self.detect_resolution, self.output_size
         )
+    }
+}
+
+/// Size and modification time of a model file, or of every file in a model folder: a cheap
+/// stand-in for hashing gigabytes, so a replaced checkpoint invalidates cached maps.
+fn file_stamp(path: &Path) -> String {
+    let stamp = |p: &Path| match std::fs::metadata(p) {
+        Ok(m) => {
+            let modified = m
+                .modified()
+                .ok()
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map(|d| d.as_nanos())
+                .unwrap_or(0);
+            format!("{}:{modified}", m.len())
+        }
+        Err(_) => "missing".to_string(),
+    };
+    if path.is_dir() {
+        let mut entries: Vec<PathBuf> = std::fs::read_dir(path)
+            .map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).collect())
+            .unwrap_or_default();
+        entries.sort();
+        entries
+            .iter()
+            .filter(|p| p.is_file())
+            .map(|p| {
+                let name = p.file_name().unwrap_or_default().to_string_lossy();
+                format!("{name}={}", stamp(p))
+            })
+            .collect::<Vec<_>>()
+            .join(",")
+    } else {
+        stamp(path)
     }
 }
 
