@@ -3,6 +3,8 @@
 //!
 //! - [`canny`]: OpenCV's `Canny` on the 3-channel RGB image, bit for bit (see that module).
 //! - [`simple`]: `invert`, `threshold` (scribble), `blur` (tile) and `shuffle` (content shuffle).
+//! - [`pose`]: the OpenPose body hint's post-processing and drawing (the network is in
+//!   `ipcompose_models::openpose`), and OpenPose JSON keypoints.
 //! - [`resize`]: the annotators' detect-resolution step (`resize_image`) and OpenCV's
 //!   `INTER_AREA`, `INTER_LANCZOS4` and `INTER_LINEAR` resampling of 8-bit images.
 //!
@@ -10,6 +12,7 @@
 //! resolution, run, and optionally resize the map to an output size.
 
 pub mod canny;
+pub mod pose;
 pub mod resize;
 pub mod simple;
 
@@ -25,6 +28,9 @@ pub enum PreprocessError {
     Write { path: PathBuf, message: String },
     #[error("{0}")]
     Invalid(String),
+    /// OpenPose keypoints (JSON) that cannot be used; `file` names it.
+    #[error("{file}: {message}")]
+    Keypoints { file: String, message: String },
 }
 
 pub type Result<T> = std::result::Result<T, PreprocessError>;
