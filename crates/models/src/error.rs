@@ -35,6 +35,9 @@ pub enum ModelError {
     },
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
+    /// Image resizing, pose post-processing or drawing (`openpose`).
+    #[error(transparent)]
+    Preprocess(#[from] ipcompose_preprocess::PreprocessError),
 }
 
 pub type Result<T> = std::result::Result<T, ModelError>;

@@ -9,6 +9,7 @@ pub mod controlnet;
 pub mod error;
 pub mod folder;
 pub mod ip_adapter;
+pub mod openpose;
 pub mod single_file;
 pub mod single_file_base;
 pub mod t2i_adapter;
