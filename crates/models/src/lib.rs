@@ -9,6 +9,7 @@ pub mod controlnet;
 pub mod error;
 pub mod folder;
 pub mod ip_adapter;
+mod legacy_pth;
 pub mod openpose;
 pub mod single_file;
 pub mod single_file_base;
