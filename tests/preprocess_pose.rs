@@ -38,7 +38,12 @@ fn png(path: PathBuf) -> image::RgbImage {
 /// Fraction of differing bytes, and the first differing pixel.
 fn mismatch(a: &image::RgbImage, b: &image::RgbImage) -> (f64, Option<(u32, u32)>) {
     assert_eq!(a.dimensions(), b.dimensions(), "image sizes differ");
-    let differing = a.as_raw().iter().zip(b.as_raw()).filter(|(x, y)| x != y).count();
+    let differing = a
+        .as_raw()
+        .iter()
+        .zip(b.as_raw())
+        .filter(|(x, y)| x != y)
+        .count();
     let first = a
         .enumerate_pixels()
         .find(|(x, y, p)| *p != b.get_pixel(*x, *y))
@@ -68,7 +73,9 @@ fn the_real_preset_has_the_published_widths() {
     // Building the real-size network against random weights checks every shape.
     let vb = candle_nn::VarBuilder::zeros(DType::F32, &Device::Cpu);
     let model = BodyPoseModel::new(vb, &c).unwrap();
-    let (paf, heat) = model.forward(&Tensor::zeros((1, 3, 16, 24), DType::F32, &Device::Cpu).unwrap()).unwrap();
+    let (paf, heat) = model
+        .forward(&Tensor::zeros((1, 3, 16, 24), DType::F32, &Device::Cpu).unwrap())
+        .unwrap();
     assert_eq!(paf.dims(), &[1, 38, 2, 3]);
     assert_eq!(heat.dims(), &[1, 19, 2, 3]);
 }
@@ -102,8 +109,14 @@ fn wrong_model_files_are_refused_with_their_name() {
         .err()
         .expect("UNet refused")
         .to_string();
-    assert!(text.contains("diffusion_pytorch_model.safetensors"), "{text}");
-    assert!(text.contains("expected tensors such as conv4_4_CPM.weight"), "{text}");
+    assert!(
+        text.contains("diffusion_pytorch_model.safetensors"),
+        "{text}"
+    );
+    assert!(
+        text.contains("expected tensors such as conv4_4_CPM.weight"),
+        "{text}"
+    );
 
     let missing = pose_dir().join("no_such_model.pth");
     let text = BodyPoseModel::load(&missing, &Device::Cpu)
@@ -137,9 +150,16 @@ fn network_input_is_exactly_the_reference_tensor() {
     let (detect, input) = detect_input();
     assert_eq!(detect.dimensions(), (768, 512));
     let reference = tensors(pose_dir().join("detect/net_input.safetensors"));
-    assert_eq!(reference["input"].dims(), &[1, 3, input.height, input.width]);
+    assert_eq!(
+        reference["input"].dims(),
+        &[1, 3, input.height, input.width]
+    );
     let expected = flat(&reference["input"]);
-    let differing = expected.iter().zip(&input.data).filter(|(a, b)| a != b).count();
+    let differing = expected
+        .iter()
+        .zip(&input.data)
+        .filter(|(a, b)| a != b)
+        .count();
     assert_eq!(differing, 0, "of {} values", expected.len());
 }
 
@@ -171,7 +191,11 @@ fn post_processing_reproduces_candidate_and_subset() {
     assert_eq!(estimate.candidate.len(), candidate.len());
     let mut worst_score = 0f64;
     for (got, want) in estimate.candidate.iter().zip(&candidate) {
-        assert_eq!((got[0], got[1], got[3]), (want[0], want[1], want[3]), "peak position / id");
+        assert_eq!(
+            (got[0], got[1], got[3]),
+            (want[0], want[1], want[3]),
+            "peak position / id"
+        );
         worst_score = worst_score.max((got[2] - want[2]).abs());
     }
     assert_eq!(estimate.subset.len(), subset.len());
@@ -181,7 +205,9 @@ fn post_processing_reproduces_candidate_and_subset() {
         assert_eq!(got[19], want[19], "part count");
         worst_total = worst_total.max((got[18] - want[18]).abs());
     }
-    println!("candidate score max diff {worst_score:e}, subset total-score max diff {worst_total:e}");
+    println!(
+        "candidate score max diff {worst_score:e}, subset total-score max diff {worst_total:e}"
+    );
     assert_eq!(worst_score, 0.0, "heatmap values at peaks are bit-exact");
     assert_eq!(worst_total, 0.0, "person scores are bit-exact");
 }
@@ -211,11 +237,18 @@ fn json_keypoints_draw_the_same_image_as_the_network_path() {
 
     let dir = scratch("pose-json");
     let path = dir.join("pose.json");
-    std::fs::write(&path, pose::keypoints_to_json(&people, detect.width(), detect.height())).unwrap();
+    std::fs::write(
+        &path,
+        pose::keypoints_to_json(&people, detect.width(), detect.height()),
+    )
+    .unwrap();
     let (back, size) = pose::read_keypoints_json(&path, None).unwrap();
     assert_eq!(size, (768, 512));
     let from_json = pose::draw_poses(&back, size.0, size.1);
-    assert_eq!(from_json, canvas, "JSON path == network path, byte for byte");
+    assert_eq!(
+        from_json, canvas,
+        "JSON path == network path, byte for byte"
+    );
 
     // The JSON controlnet_aux's keypoints were written to by the fixture script.
     let text = std::fs::read_to_string(pose_dir().join("detect/keypoints.json")).unwrap();
@@ -253,8 +286,14 @@ fn bad_keypoint_files_and_images_are_refused_clearly() {
             r#"{"people": [{"pose_keypoints_2d": [1, 2, 3]}], "canvas_width": 8, "canvas_height": 8}"#,
             "has 3 numbers; expected 54",
         ),
-        (r#"{"canvas_width": 8, "canvas_height": 8}"#, "expected a `people` array"),
-        (r#"{"people": [{"pose_keypoints_2d": "x"}], "canvas_width": 8, "canvas_height": 8}"#, "expected a `pose_keypoints_2d` array"),
+        (
+            r#"{"canvas_width": 8, "canvas_height": 8}"#,
+            "expected a `people` array",
+        ),
+        (
+            r#"{"people": [{"pose_keypoints_2d": "x"}], "canvas_width": 8, "canvas_height": 8}"#,
+            "expected a `pose_keypoints_2d` array",
+        ),
         (r#"{"people": []}"#, "canvas size is unknown"),
         ("not json", "not valid JSON"),
     ];
@@ -263,7 +302,10 @@ fn bad_keypoint_files_and_images_are_refused_clearly() {
         std::fs::write(&path, text).unwrap();
         let err = pose::read_keypoints_json(&path, None).unwrap_err();
         let message = err.to_string();
-        assert!(matches!(err, PreprocessError::Keypoints { .. }), "{message}");
+        assert!(
+            matches!(err, PreprocessError::Keypoints { .. }),
+            "{message}"
+        );
         assert!(message.contains(expected), "{message}");
         assert!(message.contains(&format!("bad{i}.json")), "{message}");
     }

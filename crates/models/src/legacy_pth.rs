@@ -52,12 +52,7 @@ pub(crate) fn read(path: &Path) -> Result<HashMap<String, Tensor>, String> {
     let infos: Vec<candle_core::pickle::TensorInfo> = match object {
         Object::Dict(items) => items
             .into_iter()
-            .filter_map(|(name, value)| {
-                value
-                    .into_tensor_info(name, Path::new(""))
-                    .ok()
-                    .flatten()
-            })
+            .filter_map(|(name, value)| value.into_tensor_info(name, Path::new("")).ok().flatten())
             .collect(),
         _ => return Err("the file does not hold a dict of tensors".to_string()),
     };
@@ -98,13 +93,9 @@ pub(crate) fn read(path: &Path) -> Result<HashMap<String, Tensor>, String> {
             return Err(format!("tensor `{}` reaches past its storage", info.name));
         }
         let data = &bytes[start + offset..start + offset + nbytes];
-        let tensor = Tensor::from_raw_buffer(
-            data,
-            info.dtype,
-            info.layout.shape().dims(),
-            &Device::Cpu,
-        )
-        .map_err(|e| e.to_string())?;
+        let tensor =
+            Tensor::from_raw_buffer(data, info.dtype, info.layout.shape().dims(), &Device::Cpu)
+                .map_err(|e| e.to_string())?;
         tensors.insert(info.name, tensor);
     }
     Ok(tensors)

@@ -76,11 +76,18 @@ impl BodyPoseConfig {
                 .map(|s| s[0])
                 .ok_or_else(|| ModelError::Config {
                     path: path.to_path_buf(),
-                    message: format!("tensor `{name}.weight` is missing or not a 4-d convolution weight"),
+                    message: format!(
+                        "tensor `{name}.weight` is missing or not a 4-d convolution weight"
+                    ),
                 })
         };
         Ok(Self {
-            vgg_channels: [out("conv1_1")?, out("conv2_1")?, out("conv3_1")?, out("conv4_1")?],
+            vgg_channels: [
+                out("conv1_1")?,
+                out("conv2_1")?,
+                out("conv3_1")?,
+                out("conv4_1")?,
+            ],
             cpm_channels: [out("conv4_3_CPM")?, out("conv4_4_CPM")?],
             stage1_hidden: out("conv5_1_CPM_L1")?,
             stage1_expand: out("conv5_4_CPM_L1")?,
@@ -103,7 +110,14 @@ struct Layer {
     relu: bool,
 }
 
-fn layer(vb: &VarBuilder, name: &str, cin: usize, cout: usize, k: usize, relu: bool) -> Result<Layer> {
+fn layer(
+    vb: &VarBuilder,
+    name: &str,
+    cin: usize,
+    cout: usize,
+    k: usize,
+    relu: bool,
+) -> Result<Layer> {
     let cfg = Conv2dConfig {
         padding: k / 2,
         ..Default::default()

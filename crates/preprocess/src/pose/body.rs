@@ -134,7 +134,13 @@ pub fn prepare_input(image: &RgbImage) -> Result<NetInput> {
         Interpolation::Lanczos4
     };
     let scaled = resize(image, sw as u32, sh as u32, interpolation);
-    let pad = |n: usize| if n % STRIDE == 0 { 0 } else { STRIDE - n % STRIDE };
+    let pad = |n: usize| {
+        if n.is_multiple_of(STRIDE) {
+            0
+        } else {
+            STRIDE - n % STRIDE
+        }
+    };
     let (pw, ph) = (sw + pad(sw), sh + pad(sh));
     let mut data = vec![0f32; 3 * pw * ph];
     for y in 0..ph {
@@ -302,8 +308,7 @@ pub fn estimate(input: &NetInput, output: &NetOutput) -> Result<BodyEstimate> {
             output.paf.len()
         )));
     }
-    if output.width * STRIDE < input.scaled_width || output.height * STRIDE < input.scaled_height
-    {
+    if output.width * STRIDE < input.scaled_width || output.height * STRIDE < input.scaled_height {
         return Err(PreprocessError::Invalid(format!(
             "pose network output {}x{} is smaller than the input {}x{} over stride {STRIDE}",
             output.width, output.height, input.scaled_width, input.scaled_height

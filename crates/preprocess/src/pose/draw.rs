@@ -65,8 +65,10 @@ pub fn draw_bodypose(canvas: &mut RgbImage, person: &Person) {
     let w = canvas.width() as f64;
     let h = canvas.height() as f64;
     for (limb, color) in LIMB_SEQ.iter().zip(COLORS.iter()) {
-        let (Some(k1), Some(k2)) = (&person.keypoints[limb[0] - 1], &person.keypoints[limb[1] - 1])
-        else {
+        let (Some(k1), Some(k2)) = (
+            &person.keypoints[limb[0] - 1],
+            &person.keypoints[limb[1] - 1],
+        ) else {
             continue;
         };
         let ys = [k1.x * w, k2.x * w];
@@ -96,7 +98,9 @@ pub fn draw_bodypose(canvas: &mut RgbImage, person: &Person) {
     }
 }
 
+/// OpenCV's `SinTable` (sin of whole degrees, 0..=450, as 7-decimal float literals).
 #[rustfmt::skip]
+#[allow(clippy::excessive_precision, clippy::approx_constant)]
 static SIN_TABLE: [f32; 451] = [
     0.0000000, 0.0174524, 0.0348995, 0.0523360, 0.0697565, 0.0871557,
     0.1045285, 0.1218693, 0.1391731, 0.1564345, 0.1736482, 0.1908090,
@@ -439,7 +443,11 @@ pub(crate) fn fill_convex_poly(canvas: &mut RgbImage, v: &[(i32, i32)], color: [
             break;
         }
         if y >= 0 {
-            let (left, right) = if edge[0].x > edge[1].x { (1, 0) } else { (0, 1) };
+            let (left, right) = if edge[0].x > edge[1].x {
+                (1, 0)
+            } else {
+                (0, 1)
+            };
             let mut xx1 = (edge[left].x + delta1) >> XY_SHIFT;
             let mut xx2 = (edge[right].x + delta2) >> XY_SHIFT;
             if xx2 >= 0 && xx1 < size_w {
@@ -508,7 +516,9 @@ mod tests {
     fn ellipse_of_zero_length_is_a_small_polygon() {
         let p = ellipse2poly((10, 10), (0, 4), 90, 0, 360, 1);
         assert!(p.len() >= 2);
-        assert!(p.iter().all(|&(x, y)| (x - 10).abs() <= 4 && (y - 10).abs() <= 4));
+        assert!(p
+            .iter()
+            .all(|&(x, y)| (x - 10).abs() <= 4 && (y - 10).abs() <= 4));
     }
 
     #[test]

@@ -187,10 +187,11 @@ fn generic(
             *t = if ksize == 2 {
                 srows[0][x] * b[0] + srows[1][x] * b[1]
             } else if x < vector_end {
-                // VResizeLanczos4Vec_32f: nested v_muladd, innermost last.
+                // VResizeLanczos4Vec_32f: nested v_muladd, innermost last (float addition
+                // commutes exactly, so `+=` is `s·b + v`).
                 let mut v = srows[7][x] * b[7];
                 for k in (0..7).rev() {
-                    v = srows[k][x] * b[k] + v;
+                    v += srows[k][x] * b[k];
                 }
                 v
             } else {

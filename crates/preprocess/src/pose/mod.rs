@@ -49,7 +49,9 @@ pub const PART_NAMES: [&str; 18] = [
 ];
 
 /// BODY_25 index of each COCO-18 part (BODY_25 adds the mid hip at 8 and six foot points).
-const BODY25_TO_COCO18: [usize; 18] = [0, 1, 2, 3, 4, 5, 6, 7, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18];
+const BODY25_TO_COCO18: [usize; 18] = [
+    0, 1, 2, 3, 4, 5, 6, 7, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18,
+];
 
 /// One body keypoint, `x` and `y` normalised by the canvas size (`x / W`, `y / H`).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -324,7 +326,9 @@ mod tests {
             .to_string();
         assert!(err.contains("canvas size is unknown"), "{err}");
         assert!(parse_keypoints_json(r#"{"people": []}"#, "a", Some((8, 8))).is_ok());
-        let err = parse_keypoints_json("[1, 2]", "a", None).unwrap_err().to_string();
+        let err = parse_keypoints_json("[1, 2]", "a", None)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("JSON object"), "{err}");
     }
 
@@ -363,6 +367,9 @@ mod tests {
         let (back, size) = parse_keypoints_json(&text, "c", None).unwrap();
         assert_eq!(size, (96, 64));
         let k = back[0].keypoints[1].unwrap();
-        assert_eq!((k.x, k.y), (p.keypoints[1].unwrap().x, p.keypoints[1].unwrap().y));
+        assert_eq!(
+            (k.x, k.y),
+            (p.keypoints[1].unwrap().x, p.keypoints[1].unwrap().y)
+        );
     }
 }
