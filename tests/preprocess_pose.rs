@@ -267,18 +267,6 @@ fn drawing_matches_opencv_on_edge_cases_and_random_skeletons() {
 }
 
 #[test]
-fn full_annotator_runs_on_the_tiny_model() {
-    let model = BodyPoseModel::load(&pose_dir().join("tiny_body_pose.pth"), &Device::Cpu).unwrap();
-    let photo = png(pose_dir().join("detect/input.png"));
-    let (map, people) = openpose::pose_map(&model, &photo, 256, Some(512)).unwrap();
-    assert_eq!(map.dimensions(), (768, 512));
-    // Random weights find no real people; the map is then black.
-    if people.is_empty() {
-        assert!(map.as_raw().iter().all(|&v| v == 0));
-    }
-}
-
-#[test]
 fn bad_keypoint_files_and_images_are_refused_clearly() {
     let dir = scratch("pose-bad");
     let cases = [
@@ -317,4 +305,68 @@ fn bad_keypoint_files_and_images_are_refused_clearly() {
     let err = load_image(&garbage).unwrap_err();
     assert!(matches!(err, PreprocessError::Read { .. }));
     assert!(err.to_string().contains("photo.png"));
+}
+
+/// Compares an estimate with the reference files in `dir`; returns (positions equal, max score
+/// difference).
+fn compare_estimate(estimate: &pose::BodyEstimate, dir: &str) -> (bool, f64) {
+    let candidate = read_rows(&format!("{dir}/candidate.json"));
+    let subset = read_rows(&format!("{dir}/subset.json"));
+    let mut same =
+        estimate.candidate.len() == candidate.len() && estimate.subset.len() == subset.len();
+    let mut worst = 0f64;
+    if same {
+        for (got, want) in estimate.candidate.iter().zip(&candidate) {
+            same &= (got[0], got[1], got[3]) == (want[0], want[1], want[3]);
+            worst = worst.max((got[2] - want[2]).abs());
+        }
+        for (got, want) in estimate.subset.iter().zip(&subset) {
+            same &= got[..18] == want[..18] && got[19] == want[19];
+            worst = worst.max((got[18] - want[18]).abs());
+        }
+    }
+    (same, worst)
+}
+
+/// A small image (Lanczos up of the image, INTER_AREA of the maps) and a crowd of overlapping
+/// noisy skeletons: merges, conflicts and deletions in the person assembly.
+#[test]
+fn post_processing_reproduces_a_noisy_crowd_on_a_small_image() {
+    let input = pose::prepare_input(&image::RgbImage::new(150, 110)).unwrap();
+    let t = tensors(pose_dir().join("crowd/net_output.safetensors"));
+    let (_, _, h, w) = t["paf"].dims4().unwrap();
+    let output = NetOutput {
+        paf: flat(&t["paf"]),
+        heatmap: flat(&t["heatmap"]),
+        width: w,
+        height: h,
+    };
+    let estimate = pose::estimate(&input, &output).unwrap();
+    let (same, worst) = compare_estimate(&estimate, "crowd");
+    println!(
+        "crowd: {} candidates, {} people, max score diff {worst:e}",
+        estimate.candidate.len(),
+        estimate.subset.len()
+    );
+    assert!(same, "candidate / subset structure differs");
+    assert_eq!(worst, 0.0);
+}
+
+/// The whole annotator with the tiny network (offset so that it finds ~1000 peaks and ~75
+/// "people"): detect resolution 256, map resized to image resolution 384.
+#[test]
+fn full_annotator_matches_controlnet_aux_with_the_tiny_model() {
+    let model = BodyPoseModel::load(&pose_dir().join("tiny_body_pose.pth"), &Device::Cpu).unwrap();
+    let photo = png(pose_dir().join("detect/input.png"));
+    let (map, people) = openpose::pose_map(&model, &photo, 256, Some(384)).unwrap();
+    let expected = png(pose_dir().join("end_to_end/pose.png"));
+    let (fraction, first) = mismatch(&map, &expected);
+    let subset = read_rows("end_to_end/subset.json");
+    println!(
+        "end to end: {} people (reference {}), map mismatch fraction {fraction:e}, first {first:?}",
+        people.len(),
+        subset.len()
+    );
+    assert_eq!(people.len(), subset.len());
+    assert_eq!(fraction, 0.0, "first differing pixel {first:?}");
 }
