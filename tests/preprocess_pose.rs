@@ -93,6 +93,37 @@ fn legacy_torch_files_load() {
     assert!(max_abs_diff(&heat, &t["heatmap"]) < 1e-5);
 }
 
+/// A state dict saved from controlnet_aux's module (`model0.conv1_1.weight`, …) loads too.
+#[test]
+fn module_layout_files_load() {
+    let original = candle_core::pickle::read_all(pose_dir().join("tiny_body_pose.pth")).unwrap();
+    let renamed: std::collections::HashMap<String, Tensor> = original
+        .into_iter()
+        .map(|(name, t)| {
+            let layer = name.split('.').next().unwrap().to_string();
+            let block = if let Some(rest) = layer.strip_prefix("Mconv") {
+                let stage = &rest[rest.find("_stage").unwrap() + 6..][..1];
+                format!(
+                    "model{stage}_{}",
+                    if layer.ends_with("_L1") { 1 } else { 2 }
+                )
+            } else if layer.starts_with("conv5_") {
+                format!("model1_{}", if layer.ends_with("_L1") { 1 } else { 2 })
+            } else {
+                "model0".to_string()
+            };
+            (format!("{block}.{name}"), t)
+        })
+        .collect();
+    assert!(renamed.contains_key("model6_2.Mconv7_stage6_L2.weight"));
+    let path = scratch("pose-module-layout").join("module.safetensors");
+    candle_core::safetensors::save(&renamed, &path).unwrap();
+    let model = BodyPoseModel::load(&path, &Device::Cpu).unwrap_or_else(|e| panic!("{e}"));
+    let t = tensors(pose_dir().join("network.safetensors"));
+    let (paf, _) = model.forward(&t["input"]).unwrap();
+    assert!(max_abs_diff(&paf, &t["paf"]) < 1e-5);
+}
+
 #[test]
 fn wrong_model_files_are_refused_with_their_name() {
     let hand = pose_dir().join("tiny_hand_pose.pth");

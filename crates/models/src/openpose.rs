@@ -68,10 +68,10 @@ impl BodyPoseConfig {
     }
 
     /// Reads the widths from the tensor shapes of a weight file (no data is loaded).
-    fn from_store(store: &WeightStore, path: &Path) -> Result<Self> {
+    fn from_store(store: &WeightStore, path: &Path, layout: Layout) -> Result<Self> {
         let out = |name: &str| -> Result<usize> {
             store
-                .shape(&format!("{name}.weight"))
+                .shape(&layout.name(&format!("{name}.weight")))
                 .filter(|s| s.len() == 4)
                 .map(|s| s[0])
                 .ok_or_else(|| ModelError::Config {
@@ -96,6 +96,44 @@ impl BodyPoseConfig {
             heatmap_channels: out("conv5_5_CPM_L2")?,
         })
     }
+}
+
+/// How the tensors of a file are named.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Layout {
+    /// `body_pose_model.pth`: `conv1_1.weight`, `Mconv7_stage6_L2.bias`, …
+    Original,
+    /// controlnet_aux's `bodypose_model().state_dict()`: `model0.conv1_1.weight`,
+    /// `model6_2.Mconv7_stage6_L2.bias`, … (what `util.transfer` maps the original names to).
+    Module,
+}
+
+impl Layout {
+    fn name(self, original: &str) -> String {
+        match self {
+            Layout::Original => original.to_string(),
+            Layout::Module => module_name(original),
+        }
+    }
+}
+
+/// The `nn.Sequential` block controlnet_aux keeps a layer in.
+fn module_name(original: &str) -> String {
+    let layer = original.split('.').next().unwrap_or(original);
+    let branch = if layer.ends_with("_L1") { 1 } else { 2 };
+    let block = if let Some(rest) = layer.strip_prefix("Mconv") {
+        let stage = rest
+            .split("_stage")
+            .nth(1)
+            .and_then(|s| s.chars().next())
+            .unwrap_or('0');
+        format!("model{stage}_{branch}")
+    } else if layer.starts_with("conv5_") {
+        format!("model1_{branch}")
+    } else {
+        "model0".to_string()
+    };
+    format!("{block}.{original}")
 }
 
 /// Tensor names every OpenPose body model has and other models (the hand model, UNets) lack.
@@ -229,15 +267,21 @@ impl BodyPoseModel {
         })
     }
 
-    /// Loads `body_pose_model.pth` (or a safetensors file with the same names), reading the
-    /// channel widths from the file. A file that is not an OpenPose body model is refused with
+    /// Loads `body_pose_model.pth` (zip or legacy torch format, or a safetensors file with
+    /// the same names; controlnet_aux's own `model0.conv1_1.weight` naming is accepted too),
+    /// reading the channel widths from the file. A file that is not an OpenPose body model is refused with
     /// a message naming it.
     pub fn load(path: &Path, device: &Device) -> Result<Self> {
         let store = WeightStore::open(&[path.to_path_buf()])?;
+        let layout = if store.shape(&module_name(SIGNATURE[0])).is_some() {
+            Layout::Module
+        } else {
+            Layout::Original
+        };
         let missing: Vec<&str> = SIGNATURE
             .iter()
             .copied()
-            .filter(|name| store.shape(name).is_none())
+            .filter(|name| store.shape(&layout.name(name)).is_none())
             .collect();
         if !missing.is_empty() {
             let mut names = store.tensor_names();
@@ -257,7 +301,7 @@ impl BodyPoseModel {
                 ),
             });
         }
-        let config = BodyPoseConfig::from_store(&store, path)?;
+        let config = BodyPoseConfig::from_store(&store, path, layout)?;
         if config.paf_channels != pose::PAF_CHANNELS
             || config.heatmap_channels != pose::HEATMAP_CHANNELS
         {
@@ -273,6 +317,10 @@ impl BodyPoseModel {
             });
         }
         let vb = store.var_builder(DType::F32, device);
+        let vb = match layout {
+            Layout::Original => vb,
+            Layout::Module => vb.rename_f(module_name),
+        };
         Self::new(vb, &config)
     }
 
@@ -356,4 +404,31 @@ pub fn pose_map(
         None => canvas,
     };
     Ok((map, people))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::module_name;
+
+    #[test]
+    fn module_names_follow_controlnet_aux_blocks() {
+        assert_eq!(module_name("conv1_1.weight"), "model0.conv1_1.weight");
+        assert_eq!(module_name("conv4_4_CPM.bias"), "model0.conv4_4_CPM.bias");
+        assert_eq!(
+            module_name("conv5_5_CPM_L1.weight"),
+            "model1_1.conv5_5_CPM_L1.weight"
+        );
+        assert_eq!(
+            module_name("conv5_1_CPM_L2.bias"),
+            "model1_2.conv5_1_CPM_L2.bias"
+        );
+        assert_eq!(
+            module_name("Mconv7_stage6_L2.weight"),
+            "model6_2.Mconv7_stage6_L2.weight"
+        );
+        assert_eq!(
+            module_name("Mconv1_stage3_L1.bias"),
+            "model3_1.Mconv1_stage3_L1.bias"
+        );
+    }
 }
