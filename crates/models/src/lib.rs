@@ -10,6 +10,8 @@ pub mod depth_anything;
 pub mod error;
 pub mod folder;
 pub mod ip_adapter;
+mod legacy_pth;
+pub mod openpose;
 pub mod single_file;
 pub mod single_file_base;
 pub mod t2i_adapter;

@@ -13,6 +13,8 @@ enum Container {
     Safetensors(candle_core::safetensors::MmapedSafetensors),
     /// Sub-dictionaries of one pickle, each seen under a name prefix (`""` for a flat file).
     Pickle(Vec<(String, candle_core::pickle::PthTensors)>),
+    /// A legacy (pre-1.6, non-zip) PyTorch file, read whole.
+    Loaded(std::collections::HashMap<String, Tensor>),
 }
 
 /// A set of weight files read as one namespace of tensors.
@@ -49,8 +51,18 @@ impl WeightStore {
                     first.display()
                 )));
             }
-            let pth = open_pickle(first, None)?;
-            Container::Pickle(vec![(String::new(), pth)])
+            if crate::legacy_pth::is_legacy(first) {
+                let tensors = crate::legacy_pth::read(first).map_err(|e| {
+                    ModelError::Weights(format!(
+                        "{}: not a readable (legacy) PyTorch file: {e}",
+                        first.display()
+                    ))
+                })?;
+                Container::Loaded(tensors)
+            } else {
+                let pth = open_pickle(first, None)?;
+                Container::Pickle(vec![(String::new(), pth)])
+            }
         } else {
             // SAFETY: the files are opened read-only and not modified while mapped.
             let st = unsafe { candle_core::safetensors::MmapedSafetensors::multi(files) }.map_err(
@@ -123,6 +135,7 @@ impl WeightStore {
                     p.tensor_infos().keys().map(move |k| format!("{prefix}{k}"))
                 })
                 .collect(),
+            Container::Loaded(t) => t.keys().cloned().collect(),
         }
     }
 
@@ -136,6 +149,7 @@ impl WeightStore {
                     .get(inner)
                     .map(|i| i.layout.shape().dims().to_vec())
             }),
+            Container::Loaded(t) => t.get(name).map(|t| t.dims().to_vec()),
         }
     }
 
@@ -150,6 +164,7 @@ impl WeightStore {
                 let inner = name.strip_prefix(prefix.as_str())?;
                 p.tensor_infos().get(inner).map(|i| i.dtype)
             }),
+            Container::Loaded(t) => t.get(name).map(|t| t.dtype()),
         }
     }
 
@@ -171,6 +186,7 @@ impl WeightStore {
                 }
                 Ok(None)
             }
+            Container::Loaded(t) => t.get(name).map(|t| t.to_device(device)).transpose(),
         }
     }
 
@@ -218,6 +234,7 @@ impl SimpleBackend for WeightStore {
                 name.strip_prefix(prefix.as_str())
                     .is_some_and(|inner| p.tensor_infos().contains_key(inner))
             }),
+            Container::Loaded(t) => t.contains_key(name),
         }
     }
 }

@@ -5,6 +5,8 @@
 //! - [`simple`]: `invert`, `threshold` (scribble), `blur` (tile) and `shuffle` (content shuffle).
 //! - [`depth`]: the Depth Anything V2 depth map, as the original repository's `infer_image` and
 //!   the ControlNet depth annotator make it (the network is in `ipcompose-models`).
+//! - [`pose`]: the OpenPose body hint's post-processing and drawing (the network is in
+//!   `ipcompose_models::openpose`), and OpenPose JSON keypoints.
 //! - [`resize`]: the annotators' detect-resolution step (`resize_image`) and OpenCV's
 //!   `INTER_AREA`, `INTER_LANCZOS4` and `INTER_LINEAR` resampling of 8-bit images.
 //!
@@ -13,6 +15,7 @@
 
 pub mod canny;
 pub mod depth;
+pub mod pose;
 pub mod resize;
 pub mod simple;
 
@@ -31,6 +34,9 @@ pub enum PreprocessError {
     /// A network preprocessor (depth) failed to run.
     #[error(transparent)]
     Model(#[from] ipcompose_models::ModelError),
+    /// OpenPose keypoints (JSON) that cannot be used; `file` names it.
+    #[error("{file}: {message}")]
+    Keypoints { file: String, message: String },
 }
 
 pub type Result<T> = std::result::Result<T, PreprocessError>;

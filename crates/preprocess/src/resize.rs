@@ -166,15 +166,15 @@ fn area_fast(src: &Plane, width: usize, height: usize, sx: usize, sy: usize) -> 
     out
 }
 
-struct AreaWeight {
-    dst: usize,
-    src: usize,
-    alpha: f32,
+pub(crate) struct AreaWeight {
+    pub(crate) dst: usize,
+    pub(crate) src: usize,
+    pub(crate) alpha: f32,
 }
 
 /// OpenCV's `computeResizeAreaTab`: which source cells (and how much of each) make each
 /// output cell along one axis.
-fn area_table(ssize: usize, dsize: usize, scale: f64) -> Vec<AreaWeight> {
+pub(crate) fn area_table(ssize: usize, dsize: usize, scale: f64) -> Vec<AreaWeight> {
     let mut tab = Vec::new();
     for d in 0..dsize {
         let fs1 = d as f64 * scale;
@@ -249,7 +249,7 @@ fn area_general(src: &Plane, width: usize, height: usize, scale_x: f64, scale_y:
 }
 
 /// OpenCV's `interpolateLanczos4`, in its float/double mix.
-fn lanczos4_coefficients(x: f32) -> [f32; 8] {
+pub(crate) fn lanczos4_coefficients(x: f32) -> [f32; 8] {
     use std::f64::consts::PI;
     const S45: f64 = std::f64::consts::FRAC_1_SQRT_2;
     const CS: [[f64; 2]; 8] = [
