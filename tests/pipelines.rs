@@ -24,6 +24,8 @@ fn tiny_source(kind: &str, source: &str) -> Vec<(String, String)> {
         }
         "controlnet" => vec![("source".into(), fx("controlnet/tiny-canny"))],
         "t2i-adapter" => vec![("source".into(), fx("t2i/tiny-full"))],
+        "depth-anything" => vec![("source".into(), fx("depth/tiny-hf"))],
+        "openpose" => vec![("source".into(), fx("pose/tiny_body_pose.pth"))],
         other => panic!("no tiny stand-in for model kind {other}"),
     }
 }
@@ -99,7 +101,21 @@ fn every_pipeline_recipe_runs_on_the_tiny_models() {
             recipe.display(),
             String::from_utf8_lossy(&result.stderr)
         );
-        let png = out.join("out-0.png");
+        // A sweep writes one image per combination and a grid instead of `out-0.png`.
+        let swept = text.contains("sweep") || text.contains("seed: [");
+        let png = if swept {
+            assert!(out.join("out-0_grid.png").is_file(), "{}", recipe.display());
+            std::fs::read_dir(&out)
+                .unwrap()
+                .map(|e| e.unwrap().path())
+                .find(|p| {
+                    let name = p.file_name().unwrap().to_string_lossy();
+                    name.starts_with("out-0_seed-") && name.ends_with(".png")
+                })
+                .unwrap_or_else(|| panic!("{}: no sweep image", recipe.display()))
+        } else {
+            out.join("out-0.png")
+        };
         let image = image::open(&png).unwrap_or_else(|e| panic!("{}: {e}", png.display()));
         assert_eq!(
             (image.width(), image.height()),

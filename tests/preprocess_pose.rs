@@ -401,3 +401,90 @@ fn full_annotator_matches_controlnet_aux_with_the_tiny_model() {
     assert_eq!(people.len(), subset.len());
     assert_eq!(fraction, 0.0, "first differing pixel {first:?}");
 }
+
+/// The recipe nodes (`pose: {image, model}` and `pose: {keypoints}`) and `ipcompose
+/// preprocess pose` make the same maps as the library; keypoints files of the wrong shape stop
+/// the plan at their line before anything runs.
+#[test]
+fn pose_nodes_and_command_line() {
+    let dir = common::scratch("pose-nodes");
+    std::env::set_var("IPCOMPOSE_CACHE_DIR", dir.join("cache"));
+    let model_file = pose_dir().join("tiny_body_pose.pth");
+    let photo_file = pose_dir().join("detect/input.png");
+    let text = format!(
+        "version: 1\nmodels:\n  openpose: {{kind: openpose, source: {}}}\nimages:\n  dancer: {}\nnodes:\n  skeleton: {{pose: {{image: dancer, model: openpose, detect_resolution: 256}}}}\n  drawn: {{pose: {{keypoints: {}}}}}\noutputs:\n  - {{image: skeleton, path: skeleton.png}}\n  - {{image: drawn, path: drawn.png}}\n",
+        model_file.display(),
+        photo_file.display(),
+        pose_dir().join("draw/keypoints.json").display(),
+    );
+    let path = dir.join("recipe.yaml");
+    std::fs::write(&path, &text).unwrap();
+    let batch = ipcompose::pipeline::batch::Batch::plan(&text, &path, &[]).unwrap();
+    batch
+        .run(&Default::default(), &mut |_, _| {})
+        .unwrap_or_else(|e| panic!("{e}"));
+    let model = BodyPoseModel::load(&model_file, &Device::Cpu).unwrap();
+    let (expected, _) = pose::pose_map(&model, &png(photo_file.clone()), 256, None).unwrap();
+    assert_eq!(png(dir.join("skeleton.png")).as_raw(), expected.as_raw());
+    // The keypoints node reproduces controlnet_aux's drawing of the same file.
+    let reference = png(pose_dir().join("draw/pose.png"));
+    assert_eq!(png(dir.join("drawn.png")).as_raw(), reference.as_raw());
+
+    // The command line: detect and save the keypoints, then draw them back.
+    let cli = |args: &[&std::ffi::OsStr]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_ipcompose"))
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+    };
+    let (map, json) = (dir.join("cli.png"), dir.join("cli.json"));
+    cli(&[
+        "preprocess".as_ref(),
+        "pose".as_ref(),
+        photo_file.as_os_str(),
+        map.as_os_str(),
+        "--model".as_ref(),
+        model_file.as_os_str(),
+        "--detect-resolution".as_ref(),
+        "256".as_ref(),
+        "--keypoints-out".as_ref(),
+        json.as_os_str(),
+    ]);
+    assert_eq!(png(map.clone()).as_raw(), expected.as_raw());
+    let redrawn = dir.join("redrawn.png");
+    cli(&[
+        "preprocess".as_ref(),
+        "pose".as_ref(),
+        "-".as_ref(),
+        redrawn.as_os_str(),
+        "--keypoints".as_ref(),
+        json.as_os_str(),
+    ]);
+    assert_eq!(png(redrawn).as_raw(), expected.as_raw(), "JSON round trip");
+
+    // 53 numbers is not a pose.
+    let bad = dir.join("bad.json");
+    let numbers: Vec<String> = (0..53).map(|i| i.to_string()).collect();
+    std::fs::write(
+        &bad,
+        format!(
+            "{{\"canvas_width\": 64, \"canvas_height\": 64, \"people\": [{{\"pose_keypoints_2d\": [{}]}}]}}",
+            numbers.join(", ")
+        ),
+    )
+    .unwrap();
+    let text = text
+        .replace(
+            &pose_dir().join("draw/keypoints.json").display().to_string(),
+            &bad.display().to_string(),
+        )
+        .replace("path: drawn.png", "path: never.png");
+    let err = match ipcompose::pipeline::batch::Batch::plan(&text, &path, &[]) {
+        Ok(_) => panic!("53 keypoint numbers were accepted"),
+        Err(e) => e.to_string(),
+    };
+    assert!(err.contains("recipe.yaml:8"), "{err}");
+    assert!(err.contains("53"), "{err}");
+    assert!(!dir.join("never.png").exists());
+}

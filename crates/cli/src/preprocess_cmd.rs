@@ -21,6 +21,9 @@ pub enum Kind {
     Shuffle,
     /// Depth Anything V2 depth map, near = bright (--model, --input-size).
     Depth,
+    /// OpenPose body skeleton: detected by --model (body_pose_model.pth), or drawn from
+    /// --keypoints (OpenPose JSON; IN is then ignored and may be `-`).
+    Pose,
 }
 
 #[derive(Debug, clap::Args)]
@@ -64,6 +67,12 @@ pub struct PreprocessArgs {
     /// depth: the network's short side, a multiple of 14 [default: 518].
     #[arg(long)]
     pub input_size: Option<u32>,
+    /// pose: draw these OpenPose JSON keypoints instead of detecting them.
+    #[arg(long, conflicts_with = "model")]
+    pub keypoints: Option<PathBuf>,
+    /// pose: also write the detected keypoints as OpenPose JSON.
+    #[arg(long)]
+    pub keypoints_out: Option<PathBuf>,
     /// Replace the output file if it exists.
     #[arg(long)]
     pub overwrite: bool,
@@ -79,8 +88,15 @@ fn operation(args: &PreprocessArgs) -> anyhow::Result<Operation> {
         ("--factor", args.factor.is_some(), Kind::Blur),
         ("--seed", args.seed.is_some(), Kind::Shuffle),
         ("--input-size", args.input_size.is_some(), Kind::Depth),
-        ("--model", args.model.is_some(), Kind::Depth),
+        ("--keypoints", args.keypoints.is_some(), Kind::Pose),
+        ("--keypoints-out", args.keypoints_out.is_some(), Kind::Pose),
     ];
+    if args.model.is_some() && !matches!(args.kind, Kind::Depth | Kind::Pose) {
+        anyhow::bail!(
+            "--model is an option of `depth` and `pose`, not of `{}`",
+            kind_name(args.kind)
+        );
+    }
     for (flag, present, kind) in given {
         if present && kind != args.kind {
             anyhow::bail!(
@@ -118,6 +134,24 @@ fn operation(args: &PreprocessArgs) -> anyhow::Result<Operation> {
                     .unwrap_or(ipcompose::preprocess::depth::INPUT_SIZE),
             }
         }
+        Kind::Pose => match (&args.model, &args.keypoints) {
+            (Some(model), None) => {
+                ipcompose::models::openpose::BodyPoseModel::inspect(model)?;
+                Operation::Pose {
+                    model: model.clone(),
+                }
+            }
+            (None, Some(file)) => {
+                ipcompose::preprocess::pose::read_keypoints_json(file, None)?;
+                Operation::PoseKeypoints {
+                    file: file.clone(),
+                    size: None,
+                }
+            }
+            _ => anyhow::bail!(
+                "pose needs --model (body_pose_model.pth) or --keypoints (OpenPose JSON)"
+            ),
+        },
     })
 }
 
@@ -129,6 +163,7 @@ fn kind_name(kind: Kind) -> &'static str {
         Kind::Blur => "blur",
         Kind::Shuffle => "shuffle",
         Kind::Depth => "depth",
+        Kind::Pose => "pose",
     }
 }
 
@@ -154,10 +189,50 @@ pub fn run(args: PreprocessArgs) -> anyhow::Result<()> {
             args.output.display()
         );
     }
-    let image = ipcompose::preprocess::load_image(&args.input)?;
-    let result = settings
-        .apply(&image)
-        .with_context(|| format!("{} of {}", kind_name(args.kind), args.input.display()))?;
+    let context = || format!("{} of {}", kind_name(args.kind), args.input.display());
+    let mut networks = ipcompose::preprocess::Networks::default();
+    let (result, keypoints) = match (&settings.operation, &args.keypoints_out) {
+        (Operation::Pose { model }, Some(_)) => {
+            let image = ipcompose::preprocess::load_image(&args.input)?;
+            let model =
+                ipcompose::models::openpose::BodyPoseModel::load(model, &candle_core::Device::Cpu)?;
+            let detect = settings
+                .detect_resolution
+                .unwrap_or(image.width().min(image.height()));
+            let (map, people) = ipcompose::preprocess::pose::pose_map(&model, &image, detect, None)
+                .with_context(context)?;
+            let json =
+                ipcompose::preprocess::pose::keypoints_to_json(&people, map.width(), map.height());
+            let map = match settings.output_size {
+                Some((w, h)) => ipcompose::preprocess::resize::resize(
+                    &map,
+                    w,
+                    h,
+                    ipcompose::preprocess::resize::Interpolation::Linear,
+                ),
+                None => map,
+            };
+            (map, Some(json))
+        }
+        (operation, _) if !operation.reads_image() => {
+            (settings.make(&mut networks).with_context(context)?, None)
+        }
+        _ => {
+            let image = ipcompose::preprocess::load_image(&args.input)?;
+            let map = settings
+                .apply_with(&image, &mut networks)
+                .with_context(context)?;
+            (map, None)
+        }
+    };
+    if let (Some(path), Some(json)) = (&args.keypoints_out, keypoints) {
+        ipcompose::pipeline::output::write_atomically(path, |tmp| {
+            std::fs::write(tmp, json).map_err(|e| ipcompose::pipeline::PipelineError::Output {
+                path: path.clone(),
+                message: e.to_string(),
+            })
+        })?;
+    }
     ipcompose::pipeline::output::save_rgb_png(&result, &args.output, None)?;
     println!(
         "wrote {} ({}x{})",

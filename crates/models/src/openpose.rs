@@ -274,23 +274,41 @@ impl BodyPoseModel {
     /// reading the channel widths from the file. A file that is not an OpenPose body model is refused with
     /// a message naming it.
     pub fn load(path: &Path, device: &Device) -> Result<Self> {
-        let store = WeightStore::open(&[path.to_path_buf()])?;
-        let layout = if store.shape(&module_name(SIGNATURE[0])).is_some() {
-            Layout::Module
-        } else {
-            Layout::Original
+        let (store, layout, config) = open_checked(path)?;
+        let vb = store.var_builder(DType::F32, device);
+        let vb = match layout {
+            Layout::Original => vb,
+            Layout::Module => vb.rename_f(module_name),
         };
-        let missing: Vec<&str> = SIGNATURE
-            .iter()
-            .copied()
-            .filter(|name| store.shape(&layout.name(name)).is_none())
-            .collect();
-        if !missing.is_empty() {
-            let mut names = store.tensor_names();
-            names.sort();
-            let sample: Vec<String> = names.iter().take(4).cloned().collect();
-            let hand = names.iter().any(|n| n.starts_with("Mconv7_stage6."));
-            return Err(ModelError::Config {
+        Self::new(vb, &config)
+    }
+
+    /// Reads only the file's tensor names and shapes: its config, or why it is not a body
+    /// model (what `load` would refuse), without building the network.
+    pub fn inspect(path: &Path) -> Result<BodyPoseConfig> {
+        Ok(open_checked(path)?.2)
+    }
+}
+
+/// Opens a body model file and checks its tensors: the store, its naming and its config.
+fn open_checked(path: &Path) -> Result<(WeightStore, Layout, BodyPoseConfig)> {
+    let store = WeightStore::open(&[path.to_path_buf()])?;
+    let layout = if store.shape(&module_name(SIGNATURE[0])).is_some() {
+        Layout::Module
+    } else {
+        Layout::Original
+    };
+    let missing: Vec<&str> = SIGNATURE
+        .iter()
+        .copied()
+        .filter(|name| store.shape(&layout.name(name)).is_none())
+        .collect();
+    if !missing.is_empty() {
+        let mut names = store.tensor_names();
+        names.sort();
+        let sample: Vec<String> = names.iter().take(4).cloned().collect();
+        let hand = names.iter().any(|n| n.starts_with("Mconv7_stage6."));
+        return Err(ModelError::Config {
                 path: path.to_path_buf(),
                 message: format!(
                     "not an OpenPose body model (body_pose_model.pth): expected tensors such as {} but {} {} missing; the file has {} tensors{}{}",
@@ -302,28 +320,21 @@ impl BodyPoseModel {
                     if hand { "; this looks like the OpenPose hand model (hand_pose_model.pth)" } else { "" },
                 ),
             });
-        }
-        let config = BodyPoseConfig::from_store(&store, path, layout)?;
-        if config.paf_channels != PAF_CHANNELS || config.heatmap_channels != HEATMAP_CHANNELS {
-            return Err(ModelError::Config {
-                path: path.to_path_buf(),
-                message: format!(
-                    "an OpenPose body model has {} PAF and {} heatmap outputs, this file has {} and {}",
-                    PAF_CHANNELS,
-                    HEATMAP_CHANNELS,
-                    config.paf_channels,
-                    config.heatmap_channels
-                ),
-            });
-        }
-        let vb = store.var_builder(DType::F32, device);
-        let vb = match layout {
-            Layout::Original => vb,
-            Layout::Module => vb.rename_f(module_name),
-        };
-        Self::new(vb, &config)
     }
+    let config = BodyPoseConfig::from_store(&store, path, layout)?;
+    if config.paf_channels != PAF_CHANNELS || config.heatmap_channels != HEATMAP_CHANNELS {
+        return Err(ModelError::Config {
+            path: path.to_path_buf(),
+            message: format!(
+                "an OpenPose body model has {} PAF and {} heatmap outputs, this file has {} and {}",
+                PAF_CHANNELS, HEATMAP_CHANNELS, config.paf_channels, config.heatmap_channels
+            ),
+        });
+    }
+    Ok((store, layout, config))
+}
 
+impl BodyPoseModel {
     pub fn config(&self) -> &BodyPoseConfig {
         &self.config
     }

@@ -249,7 +249,7 @@ impl Plan {
                 cx.error(
                     &["models", name, "kind"],
                     format!(
-                        "unknown model kind `{}` (supported: sd15, sd2, ip-adapter, controlnet, t2i-adapter, depth-anything)",
+                        "unknown model kind `{}` (supported: sd15, sd2, ip-adapter, controlnet, t2i-adapter, depth-anything, openpose)",
                         spec.kind
                     ),
                 )
@@ -359,6 +359,23 @@ impl Plan {
                     mut settings,
                     model,
                 }) => {
+                    if let Some(spec) = &node.pose {
+                        spec.check()
+                            .map_err(|e| cx.error(&["nodes", name, "pose"], e))?;
+                    }
+                    if let ipcompose_preprocess::Operation::PoseKeypoints { file, size } =
+                        &settings.operation
+                    {
+                        let path = base_dir.join(file);
+                        let at = ["nodes", name.as_str(), "pose", "keypoints"];
+                        // The file's shape is checked now, before anything runs.
+                        ipcompose_preprocess::pose::read_keypoints_json(&path, *size)
+                            .map_err(|e| cx.error(&at, e))?;
+                        settings.operation = ipcompose_preprocess::Operation::PoseKeypoints {
+                            file: path,
+                            size: *size,
+                        };
+                    }
                     if let Some(model) = model {
                         let op = settings.operation.name();
                         let names: Vec<String> = preprocessor_models.keys().cloned().collect();
@@ -1002,12 +1019,14 @@ fn plan_generate(
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PreprocessorModelKind {
     DepthAnything,
+    OpenPose,
 }
 
 impl PreprocessorModelKind {
     fn parse(kind: &str) -> Option<Self> {
         match kind.to_ascii_lowercase().as_str() {
             "depth-anything" | "depth_anything" | "depth-anything-v2" => Some(Self::DepthAnything),
+            "openpose" | "open-pose" | "openpose-body" => Some(Self::OpenPose),
             _ => None,
         }
     }
@@ -1016,6 +1035,7 @@ impl PreprocessorModelKind {
     fn operation(self) -> &'static str {
         match self {
             Self::DepthAnything => "depth",
+            Self::OpenPose => "pose",
         }
     }
 
@@ -1023,6 +1043,9 @@ impl PreprocessorModelKind {
     fn check(self, source: &Path) -> std::result::Result<(), String> {
         match self {
             Self::DepthAnything => ipcompose_models::depth_anything::resolve_depth_anything(source)
+                .map(|_| ())
+                .map_err(|e| e.to_string()),
+            Self::OpenPose => ipcompose_models::openpose::BodyPoseModel::inspect(source)
                 .map(|_| ())
                 .map_err(|e| e.to_string()),
         }
@@ -1058,7 +1081,7 @@ fn node_dependencies(recipe: &Recipe) -> BTreeMap<String, BTreeSet<String>> {
                     reads.extend(ip.negative_image.iter().cloned());
                 }
             }
-            Some(Node::Preprocess { image, .. }) => reads.push(image.to_string()),
+            Some(Node::Preprocess { image, .. }) => reads.extend(image.map(str::to_string)),
             None => {}
         }
         let reads = reads

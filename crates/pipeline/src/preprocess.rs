@@ -66,7 +66,8 @@ pub enum CacheUse {
 /// A preprocessor node as the recipe names it, before planning.
 pub struct Declared<'a> {
     pub node: &'a str,
-    pub image: &'a str,
+    /// The image (or node) it reads; `None` for operations that read no image.
+    pub image: Option<&'a str>,
     pub settings: Settings,
 }
 
@@ -106,9 +107,12 @@ pub fn plan_preprocessors(
                 ),
             ));
         }
-        if !images.contains_key(d.image)
-            && !by_name.contains_key(d.image)
-            && !generated.contains_key(d.image)
+        let Some(image) = d.image else {
+            continue;
+        };
+        if !images.contains_key(image)
+            && !by_name.contains_key(image)
+            && !generated.contains_key(image)
         {
             let candidates: Vec<String> = images
                 .keys()
@@ -119,9 +123,8 @@ pub fn plan_preprocessors(
             return Err(plan_error(
                 &["nodes", d.node, d.settings.operation.name(), "image"],
                 format!(
-                    "unknown image `{}`{}",
-                    d.image,
-                    crate::plan::did_you_mean(d.image, &candidates)
+                    "unknown image `{image}`{}",
+                    crate::plan::did_you_mean(image, &candidates)
                 ),
             ));
         }
@@ -144,7 +147,7 @@ pub fn plan_preprocessors(
                 ));
             }
             path.push(current);
-            match by_name.get(by_name[current].image) {
+            match by_name[current].image.and_then(|image| by_name.get(image)) {
                 Some(input) => current = input.node,
                 None => break,
             }
@@ -161,31 +164,46 @@ pub fn plan_preprocessors(
     for node in order {
         let d = by_name[node];
         let mut after_generation = false;
-        let (input, input_key) = match images.get(d.image) {
-            _ if generated.contains_key(d.image) => {
+        let image = d.image.unwrap_or_default();
+        let (input, input_key) = match images.get(image) {
+            // Drawn from a file named in the settings (keypoints): that file is the input.
+            _ if d.image.is_none() => {
+                let file = match &d.settings.operation {
+                    ipcompose_preprocess::Operation::PoseKeypoints { file, .. } => file.clone(),
+                    _ => PathBuf::new(),
+                };
+                let hash = crate::provenance::sha256_file(&file).map_err(|e| {
+                    plan_error(
+                        &["nodes", d.node, d.settings.operation.name()],
+                        e.to_string(),
+                    )
+                })?;
+                (PreprocessInput::File(file), format!("file {hash}"))
+            }
+            _ if generated.contains_key(image) => {
                 after_generation = true;
-                let path = generated[d.image].clone();
+                let path = generated[image].clone();
                 let key = format!("generated {}", path.display());
-                let node = d.image.to_string();
+                let node = image.to_string();
                 (PreprocessInput::Generated { node, path }, key)
             }
             Some(path) => {
                 // Decoding problems surface now, before any weights load.
                 image::image_dimensions(path).map_err(|e| {
                     plan_error(
-                        &["images", d.image],
+                        &["images", image],
                         format!("cannot read image `{}`: {e}", path.display()),
                     )
                 })?;
                 let hash = crate::provenance::sha256_file(path)
-                    .map_err(|e| plan_error(&["images", d.image], e.to_string()))?;
+                    .map_err(|e| plan_error(&["images", image], e.to_string()))?;
                 (PreprocessInput::File(path.clone()), format!("file {hash}"))
             }
             None => {
-                let upstream = &planned[d.image];
+                let upstream = &planned[image];
                 after_generation = upstream.after_generation;
                 (
-                    PreprocessInput::Node(d.image.to_string()),
+                    PreprocessInput::Node(image.to_string()),
                     format!("node {}", upstream.key),
                 )
             }
@@ -247,12 +265,13 @@ pub fn materialize(
                 .map(|p| p.cache_path.clone())
                 .ok_or_else(|| PipelineError::Plan(format!("unknown preprocessor `{node}`")))?,
         };
-        let image = ipcompose_preprocess::load_image(&source)
-            .map_err(|e| PipelineError::Plan(format!("preprocessor node `{}`: {e}", plan.node)))?;
-        let result = plan
-            .settings
-            .apply_with(&image, networks)
-            .map_err(|e| PipelineError::Plan(format!("preprocessor node `{}`: {e}", plan.node)))?;
+        let failed = |e| PipelineError::Plan(format!("preprocessor node `{}`: {e}", plan.node));
+        let result = if plan.settings.operation.reads_image() {
+            let image = ipcompose_preprocess::load_image(&source).map_err(failed)?;
+            plan.settings.apply_with(&image, networks).map_err(failed)?
+        } else {
+            plan.settings.make(networks).map_err(failed)?
+        };
         write_atomically(&plan.cache_path, |tmp| {
             ipcompose_preprocess::save_png(&result, tmp).map_err(|e| PipelineError::Output {
                 path: plan.cache_path.clone(),

@@ -78,10 +78,12 @@ pub struct NodeSpec {
     pub shuffle: Option<ShuffleSpec>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub depth: Option<DepthSpec>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pose: Option<PoseSpec>,
 }
 
 /// The operation keys a node may have.
-pub const NODE_OPERATIONS: [&str; 7] = [
+pub const NODE_OPERATIONS: [&str; 8] = [
     "generate",
     "canny",
     "invert",
@@ -89,6 +91,7 @@ pub const NODE_OPERATIONS: [&str; 7] = [
     "blur",
     "shuffle",
     "depth",
+    "pose",
 ];
 
 #[derive(Debug, Clone)]
@@ -98,7 +101,8 @@ pub enum Node<'a> {
     /// names its `model` (from `models:`); its settings hold that name as the model path
     /// until planning puts the model's files there.
     Preprocess {
-        image: &'a str,
+        /// `None` for operations that read no image (pose from keypoints).
+        image: Option<&'a str>,
         settings: ipcompose_preprocess::Settings,
         model: Option<&'a str>,
     },
@@ -108,29 +112,29 @@ impl NodeSpec {
     /// What this node does; `None` when it names no operation or several.
     pub fn operation(&self) -> Option<Node<'_>> {
         use ipcompose_preprocess::Operation;
-        let mut preprocessors: Vec<(&str, Operation, Option<u32>)> = Vec::new();
+        let mut preprocessors: Vec<(Option<&str>, Operation, Option<u32>)> = Vec::new();
         let mut model = None;
         if let Some(s) = &self.canny {
             let operation = Operation::Canny {
                 low: s.low,
                 high: s.high,
             };
-            preprocessors.push((&s.image, operation, s.detect_resolution));
+            preprocessors.push((Some(&s.image), operation, s.detect_resolution));
         }
         if let Some(s) = &self.invert {
-            preprocessors.push((&s.image, Operation::Invert, s.detect_resolution));
+            preprocessors.push((Some(&s.image), Operation::Invert, s.detect_resolution));
         }
         if let Some(s) = &self.threshold {
             let operation = Operation::Threshold { level: s.level };
-            preprocessors.push((&s.image, operation, s.detect_resolution));
+            preprocessors.push((Some(&s.image), operation, s.detect_resolution));
         }
         if let Some(s) = &self.blur {
             let operation = Operation::Blur { factor: s.factor };
-            preprocessors.push((&s.image, operation, s.detect_resolution));
+            preprocessors.push((Some(&s.image), operation, s.detect_resolution));
         }
         if let Some(s) = &self.shuffle {
             let operation = Operation::Shuffle { seed: s.seed };
-            preprocessors.push((&s.image, operation, s.detect_resolution));
+            preprocessors.push((Some(&s.image), operation, s.detect_resolution));
         }
         if let Some(s) = &self.depth {
             let operation = Operation::Depth {
@@ -138,7 +142,22 @@ impl NodeSpec {
                 input_size: s.input_size,
             };
             model = Some(s.model.as_str());
-            preprocessors.push((&s.image, operation, s.detect_resolution));
+            preprocessors.push((Some(&s.image), operation, s.detect_resolution));
+        }
+        if let Some(s) = &self.pose {
+            let operation = match &s.keypoints {
+                Some(file) if s.image.is_none() && s.model.is_none() => Operation::PoseKeypoints {
+                    file: file.into(),
+                    size: s.size.map(|[w, h]| (w, h)),
+                },
+                _ => {
+                    model = s.model.as_deref();
+                    Operation::Pose {
+                        model: s.model.clone().unwrap_or_default().into(),
+                    }
+                }
+            };
+            preprocessors.push((s.image.as_deref(), operation, s.detect_resolution));
         }
         match (&self.generate, preprocessors.len()) {
             (Some(spec), 0) => Some(Node::Generate(spec)),
@@ -234,6 +253,40 @@ pub struct DepthSpec {
     /// Default: the input's size (the network resizes internally).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub detect_resolution: Option<u32>,
+}
+
+/// `pose: {image, model}` (the OpenPose body network) or `pose: {keypoints: FILE.json}`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoseSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    /// A model of `kind: openpose`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    /// An OpenPose JSON file (`people[].pose_keypoints_2d`), drawn without a network.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keypoints: Option<String>,
+    /// Keypoints: the canvas `[width, height]` (default the file's `canvas_width/height`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size: Option<[u32; 2]>,
+    /// Default 512, as the annotator; 0 keeps the input size.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detect_resolution: Option<u32>,
+}
+
+impl PoseSpec {
+    /// Either `image` + `model`, or `keypoints` (+ `size`).
+    pub fn check(&self) -> std::result::Result<(), String> {
+        match (&self.image, &self.model, &self.keypoints) {
+            (Some(_), Some(_), None) if self.size.is_none() => Ok(()),
+            (None, None, Some(_)) if self.detect_resolution.is_none() => Ok(()),
+            _ => Err(
+                "pose takes either `image` and `model` (the body network), or `keypoints` (an OpenPose JSON file, with an optional `size`)"
+                    .to_string(),
+            ),
+        }
+    }
 }
 
 fn default_depth_input_size() -> u32 {

@@ -57,15 +57,32 @@ pub enum Operation {
     /// Depth Anything V2 depth map (near = bright) from the checkpoint at `model` (a
     /// transformers folder or an original `.pth`); `input_size` is the network's short side.
     Depth { model: PathBuf, input_size: u32 },
+    /// OpenPose body skeleton detected by the body model at `model` (`body_pose_model.pth`).
+    Pose { model: PathBuf },
+    /// OpenPose skeleton drawn from an OpenPose JSON file (no image, no network), on its
+    /// canvas size or on `size`.
+    PoseKeypoints {
+        file: PathBuf,
+        size: Option<(u32, u32)>,
+    },
 }
 
 /// The names accepted for [`Operation`]s, for messages and the command line.
-pub const KINDS: [&str; 6] = ["canny", "invert", "threshold", "blur", "shuffle", "depth"];
+pub const KINDS: [&str; 7] = [
+    "canny",
+    "invert",
+    "threshold",
+    "blur",
+    "shuffle",
+    "depth",
+    "pose",
+];
 
 /// Networks that preprocessors run, each loaded once (by its file) however many nodes use it.
 #[derive(Default)]
 pub struct Networks {
     depth: std::collections::BTreeMap<PathBuf, ipcompose_models::depth_anything::DepthAnything>,
+    pose: std::collections::BTreeMap<PathBuf, ipcompose_models::openpose::BodyPoseModel>,
 }
 
 impl Networks {
@@ -80,6 +97,15 @@ impl Networks {
         }
         Ok(&self.depth[model])
     }
+
+    fn pose(&mut self, model: &Path) -> Result<&ipcompose_models::openpose::BodyPoseModel> {
+        if !self.pose.contains_key(model) {
+            let network =
+                ipcompose_models::openpose::BodyPoseModel::load(model, &candle_core::Device::Cpu)?;
+            self.pose.insert(model.to_path_buf(), network);
+        }
+        Ok(&self.pose[model])
+    }
 }
 
 impl Operation {
@@ -91,6 +117,7 @@ impl Operation {
             Operation::Blur { .. } => "blur",
             Operation::Shuffle { .. } => "shuffle",
             Operation::Depth { .. } => "depth",
+            Operation::Pose { .. } | Operation::PoseKeypoints { .. } => "pose",
         }
     }
 
@@ -98,20 +125,29 @@ impl Operation {
     /// operations are not annotators and keep the input's size.
     pub fn default_detect_resolution(&self) -> Option<u32> {
         match self {
-            Operation::Canny { .. } | Operation::Shuffle { .. } => Some(512),
+            Operation::Canny { .. } | Operation::Shuffle { .. } | Operation::Pose { .. } => {
+                Some(512)
+            }
             // Depth maps come out at the input's size; the network resizes internally.
             Operation::Invert
             | Operation::Threshold { .. }
             | Operation::Blur { .. }
-            | Operation::Depth { .. } => None,
+            | Operation::Depth { .. }
+            | Operation::PoseKeypoints { .. } => None,
         }
     }
 
     /// Points a network operation at its model's files (planning resolves recipe names).
     pub fn set_model(&mut self, path: PathBuf) {
-        if let Operation::Depth { model, .. } = self {
-            *model = path;
+        match self {
+            Operation::Depth { model, .. } | Operation::Pose { model } => *model = path,
+            _ => {}
         }
+    }
+
+    /// Whether it reads an input image (drawing from keypoints does not).
+    pub fn reads_image(&self) -> bool {
+        !matches!(self, Operation::PoseKeypoints { .. })
     }
 
     pub fn validate(&self) -> Result<()> {
@@ -138,7 +174,18 @@ impl Operation {
                     )));
                 }
             }
-            Operation::Invert | Operation::Threshold { .. } | Operation::Shuffle { .. } => {}
+            Operation::PoseKeypoints {
+                size: Some((w, h)), ..
+            } if w == 0 || h == 0 => {
+                return Err(PreprocessError::Invalid(format!(
+                    "pose canvas {w}x{h} must be positive"
+                )));
+            }
+            Operation::Invert
+            | Operation::Threshold { .. }
+            | Operation::Shuffle { .. }
+            | Operation::Pose { .. }
+            | Operation::PoseKeypoints { .. } => {}
         }
         Ok(())
     }
@@ -149,6 +196,17 @@ impl Operation {
                 ref model,
                 input_size,
             } => depth::depth_map(networks.depth(model)?, image, input_size)?,
+            Operation::Pose { ref model } => {
+                let people = pose::detect_people(networks.pose(model)?, image)?;
+                pose::draw_poses(&people, image.width(), image.height())
+            }
+            Operation::PoseKeypoints { ref file, size } => {
+                let text = std::fs::read_to_string(file).map_err(|e| PreprocessError::Read {
+                    path: file.clone(),
+                    message: e.to_string(),
+                })?;
+                pose::pose_map_from_keypoints(&text, &file.display().to_string(), size)?
+            }
             Operation::Canny { low, high } => canny::canny(image, low, high),
             Operation::Invert => simple::invert(image),
             Operation::Threshold { level } => simple::threshold(image, level),
@@ -203,6 +261,22 @@ impl Settings {
         self.apply_with(image, &mut Networks::default())
     }
 
+    /// Makes the result of an operation that reads no image (see
+    /// [`Operation::reads_image`]).
+    pub fn make(&self, networks: &mut Networks) -> Result<RgbImage> {
+        if self.operation.reads_image() {
+            return Err(PreprocessError::Invalid(format!(
+                "`{}` needs an input image",
+                self.operation.name()
+            )));
+        }
+        let made = self.operation.run(&RgbImage::new(0, 0), networks)?;
+        Ok(match self.output_size {
+            Some((w, h)) => resize::resize(&made, w, h, resize::Interpolation::Linear),
+            None => made,
+        })
+    }
+
     /// Runs the preprocessor with networks kept in `networks` between calls.
     pub fn apply_with(&self, image: &RgbImage, networks: &mut Networks) -> Result<RgbImage> {
         self.validate()?;
@@ -236,6 +310,11 @@ impl Settings {
                 model.display(),
                 file_stamp(model)
             ),
+            Operation::Pose { model } => {
+                format!("pose model={} ({})", model.display(), file_stamp(model))
+            }
+            // The file's content is part of the node's cache key as its input.
+            Operation::PoseKeypoints { size, .. } => format!("pose keypoints size={size:?}"),
         };
         format!(
             "ipcompose-preprocess/{ALGORITHM_VERSION} {op} detect={:?} output={:?}",
