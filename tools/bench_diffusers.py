@@ -122,6 +122,9 @@ def main():
     parser.add_argument("--height", type=int)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--tiny", action="store_true", help="the tiny test models")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (the GPU script's comparison)")
+    parser.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"],
+                        help="weights and activations (fp16 is diffusers' usual GPU setting)")
     parser.add_argument("--compare", nargs=2, metavar=("IPCOMPOSE_JSONL", "DIFFUSERS_JSONL"),
                         help="print the two tools' figures side by side and exit")
     args = parser.parse_args()
@@ -145,6 +148,13 @@ def main():
     from diffusers.models.attention_processor import AttnProcessor2_0
 
     torch.manual_seed(0)
+    device = torch.device(args.device)
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
     cfg = configs(args.tiny)
     latent_factor = 2 ** (len(cfg["vae"]["block_out_channels"]) - 1)
     side = cfg["unet"].get("sample_size", 64) * latent_factor
@@ -159,10 +169,12 @@ def main():
         "warmup": args.warmup,
         "torch": torch.__version__,
         "diffusers": diffusers.__version__,
+        "device": args.device,
+        "dtype": args.dtype,
     }
     if not args.json:
         print(f"diffusers bench: {width}x{height} (latents {w}x{h}), CFG batch 2, {TEXT_TOKENS} text tokens, "
-              f"fp32 CPU, {info['threads']} thread(s), torch {torch.__version__}, diffusers {diffusers.__version__}")
+              f"{args.dtype} {args.device}, {info['threads']} thread(s), torch {torch.__version__}, diffusers {diffusers.__version__}")
     results = []
 
     def report(name, times, peak, **extra):
@@ -179,15 +191,21 @@ def main():
         if not args.json:
             print(f"measuring {name} ({args.warmup} warm-up + {args.repeats} timed)…", file=sys.stderr, flush=True)
         reset_peak_rss()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
         for _ in range(args.warmup):
             once()
+        sync()
         times = []
         out = None
         for _ in range(args.repeats):
             started = time.perf_counter()
             out = once()
+            sync()
             times.append(time.perf_counter() - started)
         peak = peak_rss_bytes()
+        if device.type == "cuda":
+            extra["peak_gpu_bytes"] = torch.cuda.max_memory_allocated()
         if out is not None and not torch.isfinite(out).all():
             print(f"warning: {name}: the output is not finite (random weights)", file=sys.stderr)
         if cn1 is not None:
@@ -195,7 +213,7 @@ def main():
         return report(name, times, peak, **extra)
 
     with torch.inference_mode(), tempfile.TemporaryDirectory(prefix="bench-diffusers-") as scratch:
-        unet = UNet2DConditionModel.from_config(cfg["unet"]).eval()
+        unet = UNet2DConditionModel.from_config(cfg["unet"]).eval().to(device, dtype)
         if "load" in figures:
             folder = Path(scratch) / "unet"
             unet.save_pretrained(folder, safe_serialization=True)
@@ -206,18 +224,18 @@ def main():
             def load_once():
                 loaded.clear()
                 gc.collect()
-                loaded.append(UNet2DConditionModel.from_pretrained(folder).eval())
+                loaded.append(UNet2DConditionModel.from_pretrained(folder).eval().to(device, dtype))
 
             measure("load", load_once)
             unet = loaded.pop()
             gc.collect()
 
-        sample = torch.randn(1, cfg["unet"].get("in_channels", 4), h, w)
+        sample = torch.randn(1, cfg["unet"].get("in_channels", 4), h, w).to(device, dtype)
         model_input = torch.cat([sample, sample])
-        context = torch.randn(2, TEXT_TOKENS, cfg["unet"]["cross_attention_dim"])
-        timestep = torch.tensor(TIMESTEP)
+        context = torch.randn(2, TEXT_TOKENS, cfg["unet"]["cross_attention_dim"]).to(device, dtype)
+        timestep = torch.tensor(TIMESTEP).to(device)
         # The pipeline repeats the control image for the two CFG halves.
-        hint = torch.rand(1, 3, height, width).repeat(2, 1, 1, 1)
+        hint = torch.rand(1, 3, height, width).repeat(2, 1, 1, 1).to(device, dtype)
 
         def unet_forward(down=None, mid=None, added=None):
             return unet(model_input, timestep, encoder_hidden_states=context,
@@ -229,7 +247,8 @@ def main():
 
         if "unet_step_ip" in figures:
             unet._load_ip_adapter_weights([ip_adapter_state_dict(unet, cfg["image_embedding_width"], torch)])
-            image_embeds = torch.randn(1, 1, cfg["image_embedding_width"])
+            unet.to(device, dtype)
+            image_embeds = torch.randn(1, 1, cfg["image_embedding_width"]).to(device, dtype)
             # diffusers' negative for a plain adapter: a zero embedding, first in the batch.
             embeds = [torch.cat([torch.zeros_like(image_embeds), image_embeds])]
             measure("unet_step_ip", lambda: unet_forward(added={"image_embeds": embeds}))
@@ -240,7 +259,7 @@ def main():
 
         cn_figures = {"unet_step_cn1", "cn_skipped", "unet_step_cn2"}
         if cn_figures & set(figures):
-            controlnets = [ControlNetModel.from_config(cfg["controlnet"]).eval()]
+            controlnets = [ControlNetModel.from_config(cfg["controlnet"]).eval().to(device, dtype)]
 
             def controlled_step(scales):
                 down, mid = None, None
@@ -265,15 +284,15 @@ def main():
                           file=sys.stderr)
                 measure("cn_skipped", skipped, cn1=cn1, **row_extra)
             if "unet_step_cn2" in figures:
-                controlnets.append(ControlNetModel.from_config(cfg["controlnet"]).eval())
+                controlnets.append(ControlNetModel.from_config(cfg["controlnet"]).eval().to(device, dtype))
                 measure("unet_step_cn2", lambda: controlled_step([1.0, 1.0]))
             del controlnets
             gc.collect()
 
         if "run_20" in figures:
-            vae = AutoencoderKL.from_config(cfg["vae"]).eval()
+            vae = AutoencoderKL.from_config(cfg["vae"]).eval().to(device, dtype)
             scheduler = DDIMScheduler.from_config(cfg["scheduler"])
-            init = torch.randn(1, cfg["unet"].get("in_channels", 4), h, w)
+            init = torch.randn(1, cfg["unet"].get("in_channels", 4), h, w).to(device, dtype)
 
             def whole_run():
                 scheduler.set_timesteps(args.steps)

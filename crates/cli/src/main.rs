@@ -43,6 +43,12 @@ enum Command {
         /// Override a recipe value, e.g. `--set nodes.gen.generate.seed=7` (repeatable).
         #[arg(long = "set", value_name = "KEY=VALUE")]
         sets: Vec<String>,
+        /// Where the models run: `cpu`, or `cuda` / `cuda:N` (a build with `--features cuda`).
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        /// Weights and activations of the base model and ControlNets: f32, f16 or bf16.
+        #[arg(long, default_value = "f32")]
+        dtype: String,
     },
     /// Say what a checkpoint file or folder is (kind, variant, base, dtype, parameters),
     /// from headers and configs only.
@@ -286,20 +292,44 @@ fn print_plan(plan: &Plan) {
     }
 }
 
+/// `--device` and `--dtype` as candle's types.
+pub fn device_and_dtype(
+    device: &str,
+    dtype: &str,
+) -> anyhow::Result<(candle_core::Device, candle_core::DType)> {
+    use candle_core::{DType, Device};
+    let device = match device {
+        "cpu" => Device::Cpu,
+        "cuda" => Device::new_cuda(0)
+            .context("--device cuda (this binary needs `cargo build --release --features cuda`)")?,
+        other => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
+            Some(Ok(ordinal)) => Device::new_cuda(ordinal).with_context(|| {
+                format!(
+                    "--device {other} (this binary needs `cargo build --release --features cuda`)"
+                )
+            })?,
+            _ => anyhow::bail!("--device {other}: expected cpu, cuda or cuda:N"),
+        },
+    };
+    let dtype = match dtype {
+        "f32" | "fp32" => DType::F32,
+        "f16" | "fp16" => DType::F16,
+        "bf16" => DType::BF16,
+        other => anyhow::bail!("--dtype {other}: expected f32, f16 or bf16"),
+    };
+    Ok((device, dtype))
+}
+
 fn run(
     recipe: &Path,
     from_png: bool,
     sets: &[String],
-    overwrite: bool,
+    options: &RunOptions,
     quiet: bool,
 ) -> anyhow::Result<()> {
     let batch = load_batch(recipe, from_png, sets)?;
-    let options = RunOptions {
-        overwrite,
-        ..RunOptions::default()
-    };
     let mut display = progress::StepDisplay::new(quiet);
-    let written = batch.run(&options, &mut |node, p| display.update(node, p));
+    let written = batch.run(options, &mut |node, p| display.update(node, p));
     display.finish();
     let written = written?;
     if !quiet {
@@ -319,11 +349,21 @@ fn main() -> ExitCode {
             overwrite,
             quiet,
             sets,
-        } => match (recipe, from) {
-            (Some(recipe), None) => run(&recipe, false, &sets, overwrite, quiet),
-            (None, Some(png)) => run(&png, true, &sets, overwrite, quiet),
-            _ => Err(anyhow::anyhow!("give a recipe file or --from IMAGE.png")),
-        },
+            device,
+            dtype,
+        } => device_and_dtype(&device, &dtype).and_then(|(device, dtype)| {
+            let options = RunOptions {
+                overwrite,
+                device,
+                dtype,
+                ..RunOptions::default()
+            };
+            match (recipe, from) {
+                (Some(recipe), None) => run(&recipe, false, &sets, &options, quiet),
+                (None, Some(png)) => run(&png, true, &sets, &options, quiet),
+                _ => Err(anyhow::anyhow!("give a recipe file or --from IMAGE.png")),
+            }
+        }),
         Command::Inspect { path } => inspect::inspect(&path),
         Command::Validate { recipe, sets } => {
             load_batch(&recipe, false, &sets).map(|batch| print_batch(&batch))

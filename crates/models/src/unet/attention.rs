@@ -24,6 +24,14 @@ pub struct IpKeyValue {
 
 /// Multi-head scaled dot-product attention, `[B, N, C]` in, `[B, N, C]` out.
 pub fn multi_head_attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<Tensor> {
+    if let Some(out) = super::fused_attention::fused_attention(q, k, v, heads)? {
+        return Ok(out);
+    }
+    unfused_attention(q, k, v, heads)
+}
+
+/// `softmax(QKᵀ/√d)V` from stock candle ops: any device and dtype.
+pub fn unfused_attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<Tensor> {
     let (b, n, c) = q.dims3()?;
     let m = k.dim(1)?;
     let head_dim = c / heads;

@@ -8,9 +8,10 @@
 mod attention;
 mod config;
 pub(crate) mod encoder;
+mod fused_attention;
 pub(crate) mod layers;
 
-pub use attention::{multi_head_attention, IpKeyValue};
+pub use attention::{multi_head_attention, unfused_attention, IpKeyValue};
 pub use config::{CrossAttentionLayer, DownBlockKind, UNetConfig, UNetPart, UpBlockKind};
 
 use candle_core::{Module, Result, Tensor};
