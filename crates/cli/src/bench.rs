@@ -183,6 +183,45 @@ pub enum Figure {
     /// A whole `--steps`-step run through the denoising loop plus the VAE decode.
     #[value(name = "run_20", alias = "run")]
     Run,
+    /// Canny (low 100, high 200) at detect resolution 512, as controlnet_aux's `CannyDetector`.
+    #[value(name = "preprocess_canny")]
+    PreprocessCanny,
+    /// Tile blur: `INTER_AREA` down by 4, `INTER_LANCZOS4` back up.
+    #[value(name = "preprocess_blur")]
+    PreprocessBlur,
+    /// Content shuffle at detect resolution 512.
+    #[value(name = "preprocess_shuffle")]
+    PreprocessShuffle,
+    /// The Depth Anything V2 Small depth map (input size 518), model loaded beforehand.
+    #[value(name = "preprocess_depth")]
+    PreprocessDepth,
+    /// The OpenPose body network alone, on the input the annotator makes at detect
+    /// resolution 512.
+    #[value(name = "preprocess_pose_network")]
+    PreprocessPoseNetwork,
+    /// The whole OpenPose body annotator at detect resolution 512: resize, network,
+    /// post-processing, drawing.
+    #[value(name = "preprocess_pose")]
+    PreprocessPose,
+    /// Every `preprocess_*` figure.
+    #[value(name = "preprocess")]
+    Preprocess,
+}
+
+impl Figure {
+    /// The figures the `preprocess` group stands for, in order of measurement.
+    const PREPROCESSORS: [Figure; 6] = [
+        Figure::PreprocessCanny,
+        Figure::PreprocessBlur,
+        Figure::PreprocessShuffle,
+        Figure::PreprocessDepth,
+        Figure::PreprocessPoseNetwork,
+        Figure::PreprocessPose,
+    ];
+
+    fn is_preprocess(self) -> bool {
+        self == Figure::Preprocess || Self::PREPROCESSORS.contains(&self)
+    }
 }
 
 #[derive(Debug, clap::Args)]
@@ -194,7 +233,11 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 1)]
     warmup: u32,
     /// Figures to measure, comma separated. `run_20` (a whole run, `--steps` steps) is not in
-    /// the default list: at full size on a CPU it takes many minutes per repeat.
+    /// the default list: at full size on a CPU it takes many minutes per repeat. Neither are the
+    /// preprocessors (`preprocess_canny`, `_blur`, `_shuffle`, `_depth`, `_pose_network`,
+    /// `_pose`, on the photograph of `--image`); `preprocess` selects them all. Their networks
+    /// (Depth Anything V2 Small, the OpenPose body model) are full size with random weights
+    /// (the pose weights are a fixed pattern tools/bench_preprocess.py makes too).
     #[arg(
         long,
         value_enum,
@@ -220,9 +263,14 @@ pub struct BenchArgs {
     /// Denoising steps of `run_20`.
     #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..))]
     steps: u32,
-    /// Use the tiny test models instead of full-size SD1.5 (for smoke tests; seconds).
+    /// Use the tiny test models instead of full-size SD1.5 (for smoke tests; seconds). The
+    /// preprocessors then run on a 128×128 copy of the photograph, with narrow networks.
     #[arg(long)]
     tiny: bool,
+    /// The photograph the preprocessor figures read. Default: tools/bench-inputs/photo512.png
+    /// of this source tree (512×512, scikit-image's `astronaut`).
+    #[arg(long)]
+    image: Option<PathBuf>,
 }
 
 /// One measured figure.
@@ -232,6 +280,8 @@ struct Measurement {
     peak_rss_bytes: Option<u64>,
     /// `cn_skipped` only: how many times longer the same step takes with the ControlNet run.
     saving_ratio: Option<f64>,
+    /// More fields for the JSON line (they replace the common ones of the same name).
+    extra: serde_json::Map<String, serde_json::Value>,
 }
 
 impl Measurement {
@@ -272,13 +322,44 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
         std::env::set_var("CANDLE_NUM_THREADS", threads.to_string());
     }
-    let sizes = if args.tiny { &TINY } else { &FULL_SIZE };
     let mut figures = args.figures.clone();
+    if figures.contains(&Figure::Preprocess) {
+        figures.retain(|f| *f != Figure::Preprocess);
+        figures.extend(Figure::PREPROCESSORS);
+    }
     figures.sort();
     figures.dedup();
+    let (preprocess_figures, unet_figures): (Vec<Figure>, Vec<Figure>) =
+        figures.iter().partition(|f| f.is_preprocess());
 
     let scratch = ScratchDir::create()?;
-    let files = ModelFiles::write(scratch.path(), sizes, &figures)?;
+    let peak_resets = reset_peak_rss();
+    if !args.json && !peak_resets {
+        println!(
+            "note: the peak RSS could not be reset per figure: each is the process's peak so far"
+        );
+    }
+    let mut measurements = Vec::new();
+    if !unet_figures.is_empty() {
+        measurements.extend(run_unet_figures(&args, &unet_figures, scratch.path())?);
+    }
+    if !preprocess_figures.is_empty() {
+        measurements.extend(preprocess::run(&args, &preprocess_figures, scratch.path())?);
+    }
+    if !args.json {
+        print_table(&measurements);
+    }
+    Ok(())
+}
+
+/// The SD1.5 figures: the models written to `scratch`, then measured in figure order.
+fn run_unet_figures(
+    args: &BenchArgs,
+    figures: &[Figure],
+    scratch: &Path,
+) -> anyhow::Result<Vec<Measurement>> {
+    let sizes = if args.tiny { &TINY } else { &FULL_SIZE };
+    let files = ModelFiles::write(scratch, sizes, figures)?;
     let vae_config = VaeConfig::from_file(&files.vae.join("config.json"))?;
     let latent_factor = vae_config.downscale_factor();
     let default_side = files.unet_config.sample_size.unwrap_or(64) * latent_factor;
@@ -299,7 +380,6 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         warmup: args.warmup,
         tiny: args.tiny,
     };
-    let peak_resets = reset_peak_rss();
     if !args.json {
         println!(
             "ipcompose bench: {}, {width}x{height} (latents {}x{}), CFG batch 2, {TEXT_TOKENS} \
@@ -311,12 +391,6 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             args.warmup,
             args.repeats
         );
-        if !peak_resets {
-            println!(
-                "note: the peak RSS could not be reset per figure: each is the process's peak \
-                 so far"
-            );
-        }
     }
 
     let bench = Bench {
@@ -328,11 +402,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         json: args.json,
         info: &info,
     };
-    let measurements = bench.measure_all(&figures)?;
-    if !args.json {
-        print_table(&measurements);
-    }
-    Ok(())
+    bench.measure_all(figures)
 }
 
 /// The inputs of one guided step, shared by the step figures.
@@ -569,87 +639,101 @@ impl Bench<'_> {
         }
     }
 
-    /// Runs `once` `warmup` times untimed, then `repeats` times timed.
     fn measure(
         &self,
         name: &str,
-        mut once: impl FnMut() -> anyhow::Result<Option<Tensor>>,
+        once: impl FnMut() -> anyhow::Result<Option<Tensor>>,
     ) -> anyhow::Result<Measurement> {
-        if !self.json {
-            eprintln!(
-                "measuring {name} ({} warm-up + {} timed)…",
-                self.warmup, self.repeats
-            );
-        }
-        reset_peak_rss();
-        for _ in 0..self.warmup {
-            once().with_context(|| format!("{name} (warm-up)"))?;
-        }
-        let mut times = Vec::with_capacity(self.repeats as usize);
-        let mut last = None;
-        for _ in 0..self.repeats {
-            let started = Instant::now();
-            last = once().with_context(|| name.to_string())?;
-            times.push(started.elapsed().as_secs_f64());
-        }
-        let peak_rss_bytes = peak_rss_bytes();
-        // Random weights can in principle overflow; say so rather than time NaN arithmetic
-        // silently.
-        if let Some(out) = last {
-            let total: f32 = out.abs()?.sum_all()?.to_scalar()?;
-            if !total.is_finite() {
-                eprintln!("warning: {name}: the output is not finite (random weights)");
-            }
-        }
-        let measurement = Measurement {
-            name: name.to_string(),
-            times,
-            peak_rss_bytes,
-            saving_ratio: None,
-        };
-        Ok(measurement)
+        measure(name, self.warmup, self.repeats, self.json, once)
     }
 
-    /// Shows a finished figure at once (a JSON line, or progress on stderr), so a long
-    /// benchmark reports its figures as they come.
     fn report(&self, measurement: Measurement, done: &mut Vec<Measurement>) {
-        if self.json {
-            println!("{}", self.json_line(&measurement));
-        } else {
-            eprintln!("  median {:.3} s", measurement.median());
-        }
-        done.push(measurement);
+        report(self.info, self.json, measurement, done)
     }
+}
 
-    fn json_line(&self, m: &Measurement) -> String {
-        let mut line = serde_json::json!({
-            "tool": "ipcompose",
-            "name": m.name,
-            "median_s": m.median(),
-            "min_s": m.min(),
-            "max_s": m.max(),
-            "repeats": m.times.len(),
-            "warmup": self.info.warmup,
-            "peak_rss_bytes": m.peak_rss_bytes,
-            "threads": self.info.threads,
-            "width": self.info.width,
-            "height": self.info.height,
-            "tiny": self.info.tiny,
-        });
-        if m.name.starts_with("run_") {
-            line["steps"] = self.info.steps.into();
-        }
-        if let Some(ratio) = m.saving_ratio {
-            line["cn1_over_skipped"] = ratio.into();
-        }
-        line.to_string()
+/// Runs `once` `warmup` times untimed, then `repeats` times timed.
+fn measure(
+    name: &str,
+    warmup: u32,
+    repeats: u32,
+    json: bool,
+    mut once: impl FnMut() -> anyhow::Result<Option<Tensor>>,
+) -> anyhow::Result<Measurement> {
+    if !json {
+        eprintln!("measuring {name} ({warmup} warm-up + {repeats} timed)…");
     }
+    reset_peak_rss();
+    for _ in 0..warmup {
+        once().with_context(|| format!("{name} (warm-up)"))?;
+    }
+    let mut times = Vec::with_capacity(repeats as usize);
+    let mut last = None;
+    for _ in 0..repeats {
+        let started = Instant::now();
+        last = once().with_context(|| name.to_string())?;
+        times.push(started.elapsed().as_secs_f64());
+    }
+    let peak_rss_bytes = peak_rss_bytes();
+    // Random weights can in principle overflow; say so rather than time NaN arithmetic
+    // silently.
+    if let Some(out) = last {
+        let total: f32 = out.abs()?.sum_all()?.to_scalar()?;
+        if !total.is_finite() {
+            eprintln!("warning: {name}: the output is not finite (random weights)");
+        }
+    }
+    Ok(Measurement {
+        name: name.to_string(),
+        times,
+        peak_rss_bytes,
+        saving_ratio: None,
+        extra: serde_json::Map::new(),
+    })
+}
+
+/// Shows a finished figure at once (a JSON line, or progress on stderr), so a long
+/// benchmark reports its figures as they come.
+fn report(info: &RunInfo, json: bool, measurement: Measurement, done: &mut Vec<Measurement>) {
+    if json {
+        println!("{}", json_line(info, &measurement));
+    } else {
+        eprintln!("  median {:.3} s", measurement.median());
+    }
+    done.push(measurement);
+}
+
+fn json_line(info: &RunInfo, m: &Measurement) -> String {
+    let mut line = serde_json::json!({
+        "tool": "ipcompose",
+        "name": m.name,
+        "median_s": m.median(),
+        "min_s": m.min(),
+        "max_s": m.max(),
+        "repeats": m.times.len(),
+        "warmup": info.warmup,
+        "peak_rss_bytes": m.peak_rss_bytes,
+        "threads": info.threads,
+        "width": info.width,
+        "height": info.height,
+        "tiny": info.tiny,
+    });
+    if m.name.starts_with("run_") {
+        line["steps"] = info.steps.into();
+    }
+    if let Some(ratio) = m.saving_ratio {
+        line["cn1_over_skipped"] = ratio.into();
+    }
+    for (key, value) in &m.extra {
+        line[key] = value.clone();
+    }
+    line.to_string()
 }
 
 fn print_table(measurements: &[Measurement]) {
     println!();
     println!(
-        "{:<15} {:>10} {:>10} {:>10} {:>8} {:>12}",
+        "{:<24} {:>10} {:>10} {:>10} {:>8} {:>12}",
         "figure", "median s", "min s", "max s", "repeats", "peak RSS"
     );
     for m in measurements {
@@ -658,7 +742,7 @@ fn print_table(measurements: &[Measurement]) {
             .map(|b| format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64))
             .unwrap_or_else(|| "n/a".to_string());
         println!(
-            "{:<15} {:>10.3} {:>10.3} {:>10.3} {:>8} {:>12}",
+            "{:<24} {:>10.3} {:>10.3} {:>10.3} {:>8} {:>12}",
             m.name,
             m.median(),
             m.min(),
@@ -840,7 +924,30 @@ impl SimpleBackend for TensorRecorder {
 /// file of any size is written with one tensor in memory at a time.
 struct RandomTensor {
     shape: Vec<usize>,
-    init: Init,
+    fill: Fill,
+}
+
+/// How a [`RandomTensor`]'s values are made.
+enum Fill {
+    /// candle-nn's initialisation (random).
+    Init(Init),
+    /// [`pattern_value`]`(seed, i)` for the `i`-th value: the same numbers on every machine
+    /// and in tools/bench_preprocess.py.
+    Pattern { seed: u64, bound: f32, offset: f32 },
+}
+
+/// A uniform value in `[offset - bound, offset + bound)` from the index `i` of a value in
+/// tensor number `seed`: splitmix64 of `seed · 2³² + i`, its top 53 bits as a double in
+/// [0, 1), rounded to f32 at the end (numpy computes the same, bit for bit).
+fn pattern_value(seed: u64, i: u64, bound: f32, offset: f32) -> f32 {
+    let mut z = (seed << 32)
+        .wrapping_add(i)
+        .wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^= z >> 31;
+    let unit = (z >> 11) as f64 * (1.0 / (1u64 << 53) as f64);
+    ((2.0 * unit - 1.0) * bound as f64 + offset as f64) as f32
 }
 
 impl safetensors::View for RandomTensor {
@@ -853,12 +960,21 @@ impl safetensors::View for RandomTensor {
     }
 
     fn data(&self) -> Cow<'_, [u8]> {
-        // `View::data` cannot fail; initialising a CPU tensor of a valid shape does not either.
-        let values = self
-            .init
-            .var(self.shape.as_slice(), DType::F32, &Device::Cpu)
-            .and_then(|v| v.as_tensor().flatten_all()?.to_vec1::<f32>())
-            .expect("initialising a random CPU tensor");
+        let values = match self.fill {
+            // `View::data` cannot fail; initialising a CPU tensor of a valid shape does not
+            // either.
+            Fill::Init(init) => init
+                .var(self.shape.as_slice(), DType::F32, &Device::Cpu)
+                .and_then(|v| v.as_tensor().flatten_all()?.to_vec1::<f32>())
+                .expect("initialising a random CPU tensor"),
+            Fill::Pattern {
+                seed,
+                bound,
+                offset,
+            } => (0..self.data_len() as u64 / 4)
+                .map(|i| pattern_value(seed, i, bound, offset))
+                .collect(),
+        };
         Cow::Owned(values.iter().flat_map(|v| v.to_le_bytes()).collect())
     }
 
@@ -884,10 +1000,44 @@ fn write_random_weights(
     write_tensors(path, tensors)
 }
 
-fn write_tensors(path: &Path, tensors: RecordedTensors) -> anyhow::Result<()> {
+/// Learns a model's tensors from a recorder as [`write_random_weights`] does, then writes the
+/// `i`-th (in name order) with [`Fill::Pattern`] values of seed `i` and the bound and offset
+/// `fill(name, shape)` gives.
+fn write_pattern_weights(
+    path: &Path,
+    build: impl FnOnce(VarBuilder<'static>) -> anyhow::Result<()>,
+    fill: impl Fn(&str, &[usize]) -> (f32, f32),
+) -> anyhow::Result<()> {
+    let recorder = TensorRecorder::default();
+    let vb = VarBuilder::from_backend(Box::new(recorder.clone()), DType::F32, Device::Cpu);
+    build(vb).with_context(|| format!("building the model for {}", path.display()))?;
+    let tensors = std::mem::take(
+        &mut *recorder
+            .0
+            .lock()
+            .map_err(|_| anyhow::anyhow!("tensor recorder poisoned"))?,
+    );
     let views = tensors
         .into_iter()
-        .map(|(name, (shape, init))| (name, RandomTensor { shape, init }));
+        .enumerate()
+        .map(|(seed, (name, (shape, _)))| {
+            let (bound, offset) = fill(&name, &shape);
+            let fill = Fill::Pattern {
+                seed: seed as u64,
+                bound,
+                offset,
+            };
+            (name, RandomTensor { shape, fill })
+        });
+    safetensors::serialize_to_file(views, None, path)
+        .with_context(|| format!("writing {}", path.display()))
+}
+
+fn write_tensors(path: &Path, tensors: RecordedTensors) -> anyhow::Result<()> {
+    let views = tensors.into_iter().map(|(name, (shape, init))| {
+        let fill = Fill::Init(init);
+        (name, RandomTensor { shape, fill })
+    });
     safetensors::serialize_to_file(views, None, path)
         .with_context(|| format!("writing {}", path.display()))
 }
@@ -929,4 +1079,371 @@ fn write_ip_adapter(
         }
     }
     write_tensors(path, tensors)
+}
+
+/// The preprocessor figures: each annotator on one photograph, as `ipcompose preprocess` and the
+/// recipes run it, beside controlnet_aux / OpenCV / transformers in tools/bench_preprocess.py.
+mod preprocess {
+    use std::path::{Path, PathBuf};
+
+    use anyhow::Context;
+    use candle_core::{DType, Device};
+    use ipcompose::models::depth_anything::{
+        load_depth_anything_with_config, DepthAnything, DepthAnythingConfig, DepthAnythingVariant,
+    };
+    use ipcompose::models::openpose::{BodyPoseConfig, BodyPoseModel};
+    use ipcompose::preprocess::{self as pre, Operation, Settings};
+    use serde_json::json;
+
+    use super::{
+        measure, report, write_pattern_weights, write_random_weights, BenchArgs, Figure,
+        Measurement, RunInfo,
+    };
+
+    /// The photograph both tools read (scikit-image's `astronaut`, 512×512).
+    const DEFAULT_IMAGE: &str = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tools/bench-inputs/photo512.png"
+    );
+    /// Side of the photograph's copy in `--tiny` mode.
+    const TINY_SIDE: u32 = 128;
+    const CANNY_LOW: f64 = 100.0;
+    const CANNY_HIGH: f64 = 200.0;
+    const BLUR_FACTOR: f64 = 4.0;
+    const SHUFFLE_SEED: u64 = 0;
+    /// The pose weights' pattern: the last heatmap layer's bias is lowered by this much so that
+    /// a few dozen peaks pass the detector's 0.1 threshold instead of over a thousand (a real
+    /// model finds about 18 on a one-person photograph).
+    pub const POSE_HEATMAP_BIAS_OFFSET: f32 = -1.0;
+    /// Bound of the pose weights' biases (uniform in ±this, before the offset above).
+    pub const POSE_BIAS_BOUND: f32 = 0.05;
+
+    /// Sizes of one mode: full (the real networks at 512) or `--tiny`.
+    struct Sizes {
+        detect_resolution: u32,
+        depth_input_size: u32,
+        depth: DepthAnythingConfig,
+        pose: BodyPoseConfig,
+    }
+
+    fn sizes(tiny: bool) -> Sizes {
+        if !tiny {
+            return Sizes {
+                detect_resolution: 512,
+                depth_input_size: pre::depth::INPUT_SIZE,
+                depth: DepthAnythingVariant::Small.config(),
+                pose: BodyPoseConfig::default(),
+            };
+        }
+        // The depth fixture's narrow network (tests/fixtures/depth/tiny-hf).
+        let depth = DepthAnythingConfig {
+            hidden_size: 32,
+            num_hidden_layers: 4,
+            num_attention_heads: 2,
+            out_indices: vec![1, 2, 3, 4],
+            reassemble_hidden_size: 32,
+            neck_hidden_sizes: vec![8, 16, 24, 32],
+            fusion_hidden_size: 16,
+            head_hidden_size: 8,
+            ..DepthAnythingVariant::Small.config()
+        };
+        Sizes {
+            detect_resolution: TINY_SIDE,
+            depth_input_size: 8 * pre::depth::MULTIPLE,
+            depth,
+            pose: BodyPoseConfig::tiny(),
+        }
+    }
+
+    pub fn run(
+        args: &BenchArgs,
+        figures: &[Figure],
+        scratch: &Path,
+    ) -> anyhow::Result<Vec<Measurement>> {
+        let path = args
+            .image
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_IMAGE));
+        let mut image = pre::load_image(&path).with_context(|| {
+            format!("the preprocessor figures read a photograph (--image; default {DEFAULT_IMAGE})")
+        })?;
+        if args.tiny {
+            image = pre::resize::resize(
+                &image,
+                TINY_SIDE,
+                TINY_SIDE,
+                pre::resize::Interpolation::Area,
+            );
+        }
+        let sizes = sizes(args.tiny);
+        let info = RunInfo {
+            threads: candle_core::utils::get_num_threads(),
+            width: image.width() as usize,
+            height: image.height() as usize,
+            steps: 0,
+            warmup: args.warmup,
+            tiny: args.tiny,
+        };
+        let detect = sizes.detect_resolution;
+        if !args.json {
+            println!(
+                "ipcompose bench: preprocessors on {} ({}x{}{}), detect resolution {detect}, \
+                 fp32 networks on the CPU with random weights ({}), {} thread(s), {} warm-up + \
+                 {} timed run(s) per figure",
+                path.display(),
+                info.width,
+                info.height,
+                if args.tiny { ", --tiny copy" } else { "" },
+                if args.tiny {
+                    "narrow test sizes"
+                } else {
+                    "Depth Anything V2 Small, OpenPose body"
+                },
+                info.threads,
+                args.warmup,
+                args.repeats
+            );
+        }
+        let mut done = Vec::new();
+        let time = |name: &str, once: &mut dyn FnMut() -> anyhow::Result<()>| {
+            measure(name, args.warmup, args.repeats, args.json, || {
+                once().map(|()| None)
+            })
+        };
+        let annotator = |figure: Figure,
+                         name: &str,
+                         settings: Settings,
+                         done: &mut Vec<Measurement>|
+         -> anyhow::Result<()> {
+            if !figures.contains(&figure) {
+                return Ok(());
+            }
+            let mut m = time(name, &mut || {
+                settings.apply(&image)?;
+                Ok(())
+            })?;
+            m.extra.insert(
+                "detect_resolution".into(),
+                json!(settings.detect_resolution),
+            );
+            report(&info, args.json, m, done);
+            Ok(())
+        };
+        // The annotators resize their map to `image_resolution` (here the detect resolution)
+        // at the end; for a square photograph that is the detect size itself.
+        let detect_size = pre::resize::detect_size(image.width(), image.height(), detect);
+        let annotator_output = Some((detect_size.0, detect_size.1));
+        annotator(
+            Figure::PreprocessCanny,
+            "preprocess_canny",
+            Settings {
+                operation: Operation::Canny {
+                    low: CANNY_LOW,
+                    high: CANNY_HIGH,
+                },
+                detect_resolution: Some(detect),
+                output_size: annotator_output,
+            },
+            &mut done,
+        )?;
+        annotator(
+            Figure::PreprocessBlur,
+            "preprocess_blur",
+            Settings::new(Operation::Blur {
+                factor: BLUR_FACTOR,
+            }),
+            &mut done,
+        )?;
+        annotator(
+            Figure::PreprocessShuffle,
+            "preprocess_shuffle",
+            Settings {
+                operation: Operation::Shuffle { seed: SHUFFLE_SEED },
+                detect_resolution: Some(detect),
+                output_size: annotator_output,
+            },
+            &mut done,
+        )?;
+
+        if figures.contains(&Figure::PreprocessDepth) {
+            let model = write_depth_model(scratch, &sizes.depth)?;
+            let input_size = sizes.depth_input_size;
+            let mut m = time("preprocess_depth", &mut || {
+                pre::depth::depth_map(&model, &image, input_size)?;
+                Ok(())
+            })?;
+            let (w, h) = pre::depth::network_size(image.width(), image.height(), input_size);
+            m.extra.insert("input_size".into(), json!(input_size));
+            m.extra.insert("network_input".into(), json!([w, h]));
+            report(&info, args.json, m, &mut done);
+        }
+
+        let pose_figures = [Figure::PreprocessPoseNetwork, Figure::PreprocessPose];
+        if figures.iter().any(|f| pose_figures.contains(f)) {
+            let model = write_pose_model(scratch, &sizes.pose)?;
+            let detect_image = pre::resize::resize_image(&image, detect)?;
+            let input = pre::pose::prepare_input(&detect_image)?;
+            // What the post-processing had to do: the same on both sides when the networks agree.
+            let output = pre::pose::run_network(&model, &input)?;
+            let estimate = pre::pose::estimate(&input, &output)?;
+            let found = |m: &mut Measurement| {
+                m.extra.insert("detect_resolution".into(), json!(detect));
+                m.extra
+                    .insert("network_input".into(), json!([input.width, input.height]));
+                m.extra
+                    .insert("candidates".into(), json!(estimate.candidate.len()));
+                m.extra
+                    .insert("people".into(), json!(estimate.subset.len()));
+            };
+            if figures.contains(&Figure::PreprocessPoseNetwork) {
+                let mut m = time("preprocess_pose_network", &mut || {
+                    pre::pose::run_network(&model, &input)?;
+                    Ok(())
+                })?;
+                found(&mut m);
+                report(&info, args.json, m, &mut done);
+            }
+            if figures.contains(&Figure::PreprocessPose) {
+                let mut m = time("preprocess_pose", &mut || {
+                    pre::pose::pose_map(&model, &image, detect, Some(detect))?;
+                    Ok(())
+                })?;
+                found(&mut m);
+                report(&info, args.json, m, &mut done);
+            }
+        }
+        Ok(done)
+    }
+
+    /// A transformers-layout Depth Anything V2 checkpoint with random weights (candle-nn's
+    /// initialisation), loaded back through the loader `preprocess depth --model` uses.
+    fn write_depth_model(
+        scratch: &Path,
+        config: &DepthAnythingConfig,
+    ) -> anyhow::Result<DepthAnything> {
+        let dir = scratch.join("depth-anything");
+        std::fs::create_dir_all(&dir)?;
+        let weights = dir.join("model.safetensors");
+        write_random_weights(&weights, |vb| DepthAnything::new(vb, config).map(drop))?;
+        Ok(load_depth_anything_with_config(
+            &weights,
+            config,
+            DType::F32,
+            &Device::Cpu,
+        )?)
+    }
+
+    /// An OpenPose body model (original `body_pose_model.pth` names) whose weights are the
+    /// fixed pattern tools/bench_preprocess.py gives its `bodypose_model` too: tensors in name
+    /// order, tensor `i` from seed `i`; weights uniform in ±√(6 / fan-in) (He), biases in
+    /// ±[`POSE_BIAS_BOUND`], the final heatmaps' bias moved by [`POSE_HEATMAP_BIAS_OFFSET`].
+    fn write_pose_model(scratch: &Path, config: &BodyPoseConfig) -> anyhow::Result<BodyPoseModel> {
+        let path = scratch.join("body_pose_model.safetensors");
+        write_pattern_weights(
+            &path,
+            |vb| Ok(BodyPoseModel::new(vb, config).map(drop)?),
+            |name, shape| {
+                if name.ends_with(".weight") {
+                    let fan_in: usize = shape[1..].iter().product();
+                    ((6.0 / fan_in as f64).sqrt() as f32, 0.0)
+                } else if name == "Mconv7_stage6_L2.bias" {
+                    (POSE_BIAS_BOUND, POSE_HEATMAP_BIAS_OFFSET)
+                } else {
+                    (POSE_BIAS_BOUND, 0.0)
+                }
+            },
+        )?;
+        Ok(BodyPoseModel::load(&path, &Device::Cpu)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        bench: BenchArgs,
+    }
+
+    fn args(extra: &[&str]) -> BenchArgs {
+        let mut argv = vec!["bench"];
+        argv.extend_from_slice(extra);
+        Cli::parse_from(argv).bench
+    }
+
+    /// The bits tools/bench_preprocess.py's `pattern` (numpy) gives for the same arguments.
+    #[test]
+    fn pattern_values_match_numpy() {
+        let seed3: Vec<u32> = (0..4)
+            .map(|i| pattern_value(3, i, 0.5, 0.1).to_bits())
+            .collect();
+        assert_eq!(seed3, [0xbdb5c6ef, 0x3dd50a2c, 0xbeb9990b, 0xbe7ee6c3]);
+        let seed0: Vec<u32> = (0..2)
+            .map(|i| pattern_value(0, i, 1.0, -1.0).to_bits())
+            .collect();
+        assert_eq!(seed0, [0xbe6efabe, 0xbf5deba4]);
+    }
+
+    #[test]
+    fn preprocess_group_is_not_in_the_defaults() {
+        let defaults = args(&[]).figures;
+        assert!(defaults.iter().all(|f| !f.is_preprocess()), "{defaults:?}");
+        assert_eq!(
+            args(&["--figures", "preprocess,load"]).figures,
+            [Figure::Preprocess, Figure::Load]
+        );
+    }
+
+    /// Every preprocessor figure on the `--tiny` sizes (a 128×128 photograph, narrow networks).
+    #[test]
+    fn tiny_preprocessor_figures() {
+        let args = args(&["--tiny", "--json", "--repeats", "1", "--warmup", "0"]);
+        let scratch =
+            std::env::temp_dir().join(format!("ipcompose-bench-test-{}", std::process::id()));
+        std::fs::create_dir_all(&scratch).unwrap();
+        let done = preprocess::run(&args, &Figure::PREPROCESSORS, &scratch);
+        let _ = std::fs::remove_dir_all(&scratch);
+        let done = done.unwrap();
+        let names: Vec<&str> = done.iter().map(|m| m.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "preprocess_canny",
+                "preprocess_blur",
+                "preprocess_shuffle",
+                "preprocess_depth",
+                "preprocess_pose_network",
+                "preprocess_pose"
+            ]
+        );
+        let info = RunInfo {
+            threads: 1,
+            width: 128,
+            height: 128,
+            steps: 0,
+            warmup: 0,
+            tiny: true,
+        };
+        for m in &done {
+            assert_eq!(m.times.len(), 1);
+            let line: serde_json::Value = serde_json::from_str(&json_line(&info, m)).unwrap();
+            assert_eq!(
+                (line["width"].as_u64(), line["height"].as_u64()),
+                (Some(128), Some(128))
+            );
+            if m.name.starts_with("preprocess_pose") {
+                assert!(
+                    line["candidates"].is_u64() && line["people"].is_u64(),
+                    "{line}"
+                );
+            }
+        }
+        assert_eq!(
+            done[3].extra["network_input"],
+            serde_json::json!([112, 112])
+        );
+    }
 }
