@@ -344,6 +344,8 @@ fn inspect_names_each_checkpoint_kind() {
             "single-file/tiny-sd15.safetensors",
             "Stable Diffusion 1.x single-file checkpoint",
         ),
+        ("depth/tiny-hf", "Depth Anything V2 (Transformers layout)"),
+        ("pose/tiny_body_pose.pth", "OpenPose body model"),
     ];
     for (path, expected) in cases {
         let (ok, stdout, stderr) = ipcompose(&["inspect", fixtures().join(path).to_str().unwrap()]);
@@ -621,4 +623,19 @@ fn uncached_hub_id_and_bad_overrides_say_what_is_missing() {
         !ok && stderr.contains("--set outputs.5.path=x.png") && stderr.contains("past the end"),
         "{stderr}"
     );
+}
+
+#[test]
+fn progress_is_plain_lines_off_a_terminal() {
+    let (_, recipe) = workspace("cli-progress");
+    let (ok, stdout, stderr) = ipcompose(&["run", recipe.to_str().unwrap()]);
+    assert!(ok, "{stderr}");
+    for step in 1..=4 {
+        assert!(
+            stderr.contains(&format!("gen: step {step}/4 (")),
+            "step {step}: {stderr}"
+        );
+    }
+    assert!(stderr.contains("s/step"), "{stderr}");
+    assert!(stdout.contains("wrote"), "{stdout}");
 }

@@ -39,8 +39,44 @@ fn base_of_context(width: usize) -> &'static str {
     }
 }
 
+/// Depth Anything V2 (transformers folder or original file) and the OpenPose body model:
+/// `Some(description)` when `path` is one of them.
+fn preprocessor_model(path: &Path) -> Option<String> {
+    use ipcompose::models::depth_anything::resolve_depth_anything;
+    if let Ok((store, files)) = resolve_depth_anything(path) {
+        let (params, dtypes) = summary(&store);
+        let c = &files.config;
+        return Some(format!(
+            "Depth Anything V2 ({:?} layout), DINOv2 {} wide, {} layers, {} heads, {:?} depth; {}, {dtypes}",
+            files.format,
+            c.hidden_size,
+            c.num_hidden_layers,
+            c.num_attention_heads,
+            c.depth_estimation_type,
+            millions(params)
+        ));
+    }
+    if path.is_file() {
+        if let Ok(config) = ipcompose::models::openpose::BodyPoseModel::inspect(path) {
+            let params = WeightStore::open(&[path.to_path_buf()])
+                .map(|s| summary(&s))
+                .map(|(p, d)| format!("{}, {d}", millions(p)))
+                .unwrap_or_default();
+            return Some(format!(
+                "OpenPose body model (VGG widths {:?}); {params}",
+                config.vgg_channels
+            ));
+        }
+    }
+    None
+}
+
 fn inspect_folder(path: &Path) -> anyhow::Result<()> {
     use ipcompose::models::folder::DiffusersFolder;
+    if let Some(description) = preprocessor_model(path) {
+        println!("{}: {description}", path.display());
+        return Ok(());
+    }
     if let Ok(folder) = DiffusersFolder::open(path) {
         let unet = folder.unet_config()?;
         let files =
@@ -137,6 +173,10 @@ fn inspect_file(path: &Path) -> anyhow::Result<()> {
         if e.to_string().contains("FaceID") {
             anyhow::bail!(e);
         }
+    }
+    if let Some(description) = preprocessor_model(path) {
+        println!("{}: {description}", path.display());
+        return Ok(());
     }
     let store = open_checkpoint(path)?;
     let (params, dtypes) = summary(&store);
