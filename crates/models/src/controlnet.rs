@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{conv2d, Conv2d, Conv2dConfig, VarBuilder};
+use candle_nn::{conv2d, Conv2d, VarBuilder};
 use serde::Deserialize;
 
 use crate::error::{ModelError, Result};
@@ -19,6 +19,7 @@ use crate::single_file::{
     RenamedWeights, CONTROLNET_PREFIX,
 };
 use crate::unet::encoder::Encoder;
+use crate::unet::winograd::Conv3x3;
 use crate::unet::{DownBlockKind, IpKeyValue, UNetConfig};
 use crate::weights::{find_component_weights, WeightStore};
 
@@ -206,9 +207,9 @@ pub struct ControlNetResiduals {
 /// `ControlNetConditioningEmbedding`: the control image down to latent size and the UNet's
 /// first width, SiLU after every conv but the last.
 struct ConditioningEmbedding {
-    conv_in: Conv2d,
-    blocks: Vec<Conv2d>,
-    conv_out: Conv2d,
+    conv_in: Conv3x3,
+    blocks: Vec<Conv3x3>,
+    conv_out: Conv3x3,
 }
 
 impl ConditioningEmbedding {
@@ -218,14 +219,8 @@ impl ConditioningEmbedding {
         channels: &[usize],
         out_channels: usize,
     ) -> candle_core::Result<Self> {
-        let conv = |in_c: usize, out_c: usize, stride: usize, vb: VarBuilder| {
-            let cfg = Conv2dConfig {
-                padding: 1,
-                stride,
-                ..Default::default()
-            };
-            conv2d(in_c, out_c, 3, cfg, vb)
-        };
+        // Stride-1 convs take the Winograd path on the CPU; the stride-2 ones candle's conv2d.
+        let conv = Conv3x3::new;
         let conv_in = conv(in_channels, channels[0], 1, vb.pp("conv_in"))?;
         let mut blocks = Vec::with_capacity(2 * channels.len());
         for (i, pair) in channels.windows(2).enumerate() {

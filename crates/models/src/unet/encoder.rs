@@ -2,7 +2,9 @@
 //! down blocks and the mid block, built from the same config and weight names.
 
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{conv2d, Conv2d, Conv2dConfig, VarBuilder};
+use candle_nn::VarBuilder;
+
+use super::winograd::Conv3x3;
 
 use super::attention::{IpKeyValue, SpatialTransformer, SpatialTransformerConfig};
 use super::config::{DownBlockKind, UNetConfig};
@@ -61,7 +63,7 @@ impl MidBlock {
 }
 
 pub(crate) struct Encoder {
-    conv_in: Conv2d,
+    conv_in: Conv3x3,
     time_embedding: TimestepEmbedding,
     down_blocks: Vec<DownBlock>,
     pub(crate) mid_block: MidBlock,
@@ -78,11 +80,7 @@ impl Encoder {
         let n = channels.len();
         let temb_c = time_embedding_channels(cfg);
         let (groups, eps) = (cfg.norm_num_groups, cfg.norm_eps);
-        let conv_cfg = Conv2dConfig {
-            padding: 1,
-            ..Default::default()
-        };
-        let conv_in = conv2d(cfg.in_channels, channels[0], 3, conv_cfg, vb.pp("conv_in"))?;
+        let conv_in = Conv3x3::new(cfg.in_channels, channels[0], 1, vb.pp("conv_in"))?;
         let time_embedding = TimestepEmbedding::new(vb.pp("time_embedding"), channels[0], temb_c)?;
 
         let mut next_layer = 0usize;

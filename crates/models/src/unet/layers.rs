@@ -3,6 +3,8 @@
 use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::{conv2d, group_norm, linear, Conv2d, Conv2dConfig, GroupNorm, Linear, VarBuilder};
 
+use super::winograd::Conv3x3;
+
 /// Sinusoidal timestep features as diffusers' `get_timestep_embedding` computes them (in f32).
 pub fn timestep_features(
     timesteps: &Tensor,
@@ -49,27 +51,19 @@ impl Module for TimestepEmbedding {
     }
 }
 
-fn conv3x3(in_c: usize, out_c: usize, stride: usize, vb: VarBuilder) -> Result<Conv2d> {
-    let cfg = Conv2dConfig {
-        padding: 1,
-        stride,
-        ..Default::default()
-    };
-    conv2d(in_c, out_c, 3, cfg, vb)
-}
-
-pub fn conv_3x3(in_c: usize, out_c: usize, vb: VarBuilder) -> Result<Conv2d> {
-    conv3x3(in_c, out_c, 1, vb)
+/// A 3×3, padding-1, stride-1 convolution (Winograd on the CPU for f32).
+pub fn conv_3x3(in_c: usize, out_c: usize, vb: VarBuilder) -> Result<Conv3x3> {
+    Conv3x3::new(in_c, out_c, 1, vb)
 }
 
 /// `ResnetBlock2D` with the default time-embedding handling (added after the first conv).
 #[derive(Debug, Clone)]
 pub struct ResnetBlock {
     norm1: GroupNorm,
-    conv1: Conv2d,
+    conv1: Conv3x3,
     time_emb_proj: Linear,
     norm2: GroupNorm,
-    conv2: Conv2d,
+    conv2: Conv3x3,
     conv_shortcut: Option<Conv2d>,
 }
 
@@ -148,7 +142,7 @@ impl Module for Downsample {
 /// `Upsample2D`: nearest-neighbour upsampling (to the skip tensor's size when given) and a conv.
 #[derive(Debug, Clone)]
 pub struct Upsample {
-    conv: Conv2d,
+    conv: Conv3x3,
 }
 
 impl Upsample {

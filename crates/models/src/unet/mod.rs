@@ -10,16 +10,18 @@ mod config;
 pub(crate) mod encoder;
 mod fused_attention;
 pub(crate) mod layers;
+pub(crate) mod winograd;
 
 pub use attention::{multi_head_attention, unfused_attention, IpKeyValue};
 pub use config::{CrossAttentionLayer, DownBlockKind, UNetConfig, UNetPart, UpBlockKind};
 
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{conv2d, group_norm, Conv2d, Conv2dConfig, GroupNorm, VarBuilder};
+use candle_nn::{group_norm, GroupNorm, VarBuilder};
 
 use attention::SpatialTransformer;
 use encoder::{time_embedding_channels, transformer, Encoder};
 use layers::{ResnetBlock, Upsample};
+use winograd::Conv3x3;
 
 /// Everything added to the frozen UNet for one step. Empty by default.
 #[derive(Debug, Default, Clone, Copy)]
@@ -46,7 +48,7 @@ pub struct UNet2DConditionModel {
     encoder: Encoder,
     up_blocks: Vec<UpBlock>,
     conv_norm_out: GroupNorm,
-    conv_out: Conv2d,
+    conv_out: Conv3x3,
 }
 
 impl UNet2DConditionModel {
@@ -57,10 +59,6 @@ impl UNet2DConditionModel {
         let temb_c = time_embedding_channels(cfg);
         let groups = cfg.norm_num_groups;
         let eps = cfg.norm_eps;
-        let conv_cfg = Conv2dConfig {
-            padding: 1,
-            ..Default::default()
-        };
         // IP layer numbering follows diffusers' attn_processors walk: down, then up, then mid.
         let layout = cfg.cross_attention_layout();
         let mut next_layer = layout.iter().filter(|l| l.part == UNetPart::Down).count();
@@ -118,13 +116,7 @@ impl UNet2DConditionModel {
             encoder,
             up_blocks,
             conv_norm_out: group_norm(groups, channels[0], eps, vb.pp("conv_norm_out"))?,
-            conv_out: conv2d(
-                channels[0],
-                cfg.out_channels,
-                3,
-                conv_cfg,
-                vb.pp("conv_out"),
-            )?,
+            conv_out: Conv3x3::new(channels[0], cfg.out_channels, 1, vb.pp("conv_out"))?,
         })
     }
 
