@@ -271,6 +271,12 @@ pub struct BenchArgs {
     /// of this source tree (512×512, scikit-image's `astronaut`).
     #[arg(long)]
     image: Option<PathBuf>,
+    /// Where the SD1.5 figures run: `cpu`, or `cuda` / `cuda:N` (a `--features cuda` build).
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Weights and activations of the SD1.5 figures: f32, f16 or bf16.
+    #[arg(long, default_value = "f32")]
+    dtype: String,
 }
 
 /// One measured figure.
@@ -307,6 +313,8 @@ impl Measurement {
 
 /// Settings every figure line repeats, so one line stands on its own.
 struct RunInfo {
+    device: Device,
+    dtype: DType,
     threads: usize,
     width: usize,
     height: usize,
@@ -359,6 +367,7 @@ fn run_unet_figures(
     scratch: &Path,
 ) -> anyhow::Result<Vec<Measurement>> {
     let sizes = if args.tiny { &TINY } else { &FULL_SIZE };
+    let (device, dtype) = crate::device_and_dtype(&args.device, &args.dtype)?;
     let files = ModelFiles::write(scratch, sizes, figures)?;
     let vae_config = VaeConfig::from_file(&files.vae.join("config.json"))?;
     let latent_factor = vae_config.downscale_factor();
@@ -373,6 +382,8 @@ fn run_unet_figures(
         anyhow::bail!("--width and --height must be positive multiples of {latent_factor}");
     }
     let info = RunInfo {
+        device,
+        dtype,
         threads: candle_core::utils::get_num_threads(),
         width,
         height,
@@ -383,10 +394,12 @@ fn run_unet_figures(
     if !args.json {
         println!(
             "ipcompose bench: {}, {width}x{height} (latents {}x{}), CFG batch 2, {TEXT_TOKENS} \
-             text tokens, fp32 on the CPU, {} thread(s), {} warm-up + {} timed run(s) per figure",
+             text tokens, {:?} on {:?}, {} thread(s), {} warm-up + {} timed run(s) per figure",
             sizes.description,
             width / latent_factor,
             height / latent_factor,
+            info.dtype,
+            info.device,
             info.threads,
             args.warmup,
             args.repeats
@@ -428,11 +441,11 @@ struct Bench<'a> {
 
 impl Bench<'_> {
     fn measure_all(&self, figures: &[Figure]) -> anyhow::Result<Vec<Measurement>> {
-        let device = Device::Cpu;
+        let (device, dtype) = (self.info.device.clone(), self.info.dtype);
         let mut done = Vec::new();
         if figures.contains(&Figure::Load) {
             let m = self.measure("load", || {
-                let unet = self.files.load_unet()?;
+                let unet = self.files.load_unet(dtype, &device)?;
                 drop(unet);
                 Ok(None)
             })?;
@@ -442,7 +455,7 @@ impl Bench<'_> {
         if !step_figures {
             return Ok(done);
         }
-        let unet = self.files.load_unet()?;
+        let unet = self.files.load_unet(dtype, &device)?;
         let inputs = self.step_inputs(&unet, &device)?;
         let no_ip: Vec<Vec<IpKeyValue>> = Vec::new();
 
@@ -475,7 +488,7 @@ impl Bench<'_> {
 
         let controlnet_figures = [Figure::UnetStepCn1, Figure::CnSkipped, Figure::UnetStepCn2];
         if figures.iter().any(|f| controlnet_figures.contains(f)) {
-            let first = Rc::new(self.files.load_controlnet()?);
+            let first = Rc::new(self.files.load_controlnet(dtype, &device)?);
             let whole_run = self.prepared_controlnet(&first, &inputs, 1.0);
             let steps = self.info.steps;
             // A step is measured as the loop runs it: the ControlNets through the pipeline's
@@ -516,7 +529,7 @@ impl Bench<'_> {
             }
             if figures.contains(&Figure::UnetStepCn2) {
                 // A second model with its own weights, as two different ControlNets would be.
-                let second = Rc::new(self.files.load_controlnet()?);
+                let second = Rc::new(self.files.load_controlnet(dtype, &device)?);
                 let controlnets = [
                     self.prepared_controlnet(&first, &inputs, 1.0),
                     self.prepared_controlnet(&second, &inputs, 1.0),
@@ -529,13 +542,13 @@ impl Bench<'_> {
         if figures.contains(&Figure::Run) {
             let vae_dir = &self.files.vae;
             let vae_config = VaeConfig::from_file(&vae_dir.join("config.json"))?;
-            let vb =
-                WeightStore::open(&[vae_dir.join(WEIGHTS_FILE)])?.var_builder(DType::F32, &device);
+            let vb = WeightStore::open(&[vae_dir.join(WEIGHTS_FILE)])?.var_builder(dtype, &device);
             let vae = Vae::new(vb, &vae_config)?;
             let scheduler_config = SchedulerConfig::from_json_str(SD15_SCHEDULER_CONFIG)?;
             let (h, w) = self.latent;
             let in_channels = unet.config().in_channels;
-            let init = Tensor::randn(0f32, 1f32, (1, in_channels, h, w), &device)?;
+            let init =
+                Tensor::randn(0f32, 1f32, (1, in_channels, h, w), &device)?.to_dtype(dtype)?;
             let text = TextConditioning {
                 context: inputs.context.clone(),
                 guided: true,
@@ -586,10 +599,11 @@ impl Bench<'_> {
             (1, 3, self.info.height, self.info.width),
             device,
         )?;
+        let dtype = self.info.dtype;
         Ok(StepInputs {
-            model_input,
-            context,
-            hint,
+            model_input: model_input.to_dtype(dtype)?,
+            context: context.to_dtype(dtype)?,
+            hint: hint.to_dtype(dtype)?,
         })
     }
 
@@ -600,11 +614,12 @@ impl Bench<'_> {
         unet: &UNet2DConditionModel,
         device: &Device,
     ) -> anyhow::Result<Vec<Vec<IpKeyValue>>> {
-        let adapter = IpAdapter::load(&self.files.ip_adapter, DType::F32, device)?;
+        let adapter = IpAdapter::load(&self.files.ip_adapter, self.info.dtype, device)?;
         if adapter.info().layer_channels.len() != unet.config().cross_attention_layers() {
             anyhow::bail!("the generated IP-Adapter does not fit the UNet");
         }
-        let embedding = Tensor::randn(0f32, 1f32, (1, self.sizes.image_embedding_width), device)?;
+        let embedding = Tensor::randn(0f32, 1f32, (1, self.sizes.image_embedding_width), device)?
+            .to_dtype(self.info.dtype)?;
         let positive = adapter.image_tokens(&embedding)?;
         let negative = adapter.image_tokens(&embedding.zeros_like()?)?;
         let tokens = Tensor::cat(&[&negative, &positive], 0)?;
@@ -672,13 +687,17 @@ fn measure(
     for _ in 0..repeats {
         let started = Instant::now();
         last = once().with_context(|| name.to_string())?;
+        // GPU kernels run asynchronously: the time is the time until they are done.
+        if let Some(out) = &last {
+            out.device().synchronize()?;
+        }
         times.push(started.elapsed().as_secs_f64());
     }
     let peak_rss_bytes = peak_rss_bytes();
     // Random weights can in principle overflow; say so rather than time NaN arithmetic
     // silently.
     if let Some(out) = last {
-        let total: f32 = out.abs()?.sum_all()?.to_scalar()?;
+        let total: f32 = out.abs()?.sum_all()?.to_dtype(DType::F32)?.to_scalar()?;
         if !total.is_finite() {
             eprintln!("warning: {name}: the output is not finite (random weights)");
         }
@@ -714,6 +733,8 @@ fn json_line(info: &RunInfo, m: &Measurement) -> String {
         "warmup": info.warmup,
         "peak_rss_bytes": m.peak_rss_bytes,
         "threads": info.threads,
+        "device": format!("{:?}", info.device.location()),
+        "dtype": info.dtype.as_str(),
         "width": info.width,
         "height": info.height,
         "tiny": info.tiny,
@@ -865,21 +886,20 @@ impl ModelFiles {
 
     /// The UNet as `DiffusersFolder::load_unet` loads it: one memory-mapped safetensors file
     /// behind ipcompose's weight store, copied into the model's tensors.
-    fn load_unet(&self) -> anyhow::Result<UNet2DConditionModel> {
+    fn load_unet(&self, dtype: DType, device: &Device) -> anyhow::Result<UNet2DConditionModel> {
         let config = UNetConfig::from_file(&self.unet.join("config.json"))?;
-        let vb = WeightStore::open(&[self.unet.join(WEIGHTS_FILE)])?
-            .var_builder(DType::F32, &Device::Cpu);
+        let vb = WeightStore::open(&[self.unet.join(WEIGHTS_FILE)])?.var_builder(dtype, device);
         Ok(UNet2DConditionModel::new(vb, &config)?)
     }
 
-    fn load_controlnet(&self) -> anyhow::Result<ControlNetModel> {
+    fn load_controlnet(&self, dtype: DType, device: &Device) -> anyhow::Result<ControlNetModel> {
         let config = ControlNetConfig::from_folder(&self.controlnet)?;
         Ok(ControlNetModel::load_folder(
             &self.controlnet,
             &config,
             None,
-            DType::F32,
-            &Device::Cpu,
+            dtype,
+            device,
         )?)
     }
 }
@@ -1177,6 +1197,8 @@ mod preprocess {
         }
         let sizes = sizes(args.tiny);
         let info = RunInfo {
+            device: Device::Cpu,
+            dtype: DType::F32,
             threads: candle_core::utils::get_num_threads(),
             width: image.width() as usize,
             height: image.height() as usize,
@@ -1420,6 +1442,8 @@ mod tests {
             ]
         );
         let info = RunInfo {
+            device: Device::Cpu,
+            dtype: DType::F32,
             threads: 1,
             width: 128,
             height: 128,

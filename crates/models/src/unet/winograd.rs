@@ -41,32 +41,52 @@ impl TransformedWeights {
         if (kh, kw) != (3, 3) {
             candle_core::bail!("winograd: a 3x3 kernel is needed, got {kh}x{kw}");
         }
-        let g = weight
-            .to_dtype(DType::F32)?
-            .flatten_all()?
-            .to_vec1::<f32>()?;
+        let weight = weight.to_dtype(DType::F32)?.contiguous()?;
+        // Read in place: a copy of every 3x3 weight would double the load's memory traffic.
+        let (storage, layout) = weight.storage_and_layout();
+        let g: &[f32] = match (&*storage, layout.contiguous_offsets()) {
+            (candle_core::Storage::Cpu(CpuStorage::F32(data)), Some((start, end))) => {
+                &data[start..end]
+            }
+            _ => candle_core::bail!("winograd: the weight must be an f32 CPU tensor"),
+        };
         let mut u = vec![0f32; 16 * c_in * c_out];
-        for o in 0..c_out {
-            for c in 0..c_in {
-                let k = &g[(o * c_in + c) * 9..][..9];
-                // G g (4×3), then (G g) Gᵀ (4×4); G = [[1,0,0],[½,½,½],[½,-½,½],[0,0,1]].
-                let mut gg = [[0f32; 3]; 4];
-                for j in 0..3 {
-                    let (a, b, d) = (k[j], k[3 + j], k[6 + j]);
-                    gg[0][j] = a;
-                    gg[1][j] = 0.5 * (a + b + d);
-                    gg[2][j] = 0.5 * (a - b + d);
-                    gg[3][j] = d;
-                }
-                for (r, row) in gg.iter().enumerate() {
-                    let (a, b, d) = (row[0], row[1], row[2]);
-                    let t = [a, 0.5 * (a + b + d), 0.5 * (a - b + d), d];
-                    for (s, v) in t.into_iter().enumerate() {
-                        u[((4 * r + s) * c_in + c) * c_out + o] = v;
+        let u_addr = u.as_mut_ptr() as usize;
+        // Blocks of input channels per task: for each output channel the block's kernels are
+        // one contiguous read, and each of the block's 16 rows per channel is written in order.
+        const CHANNELS: usize = 16;
+        (0..c_in.div_ceil(CHANNELS))
+            .into_par_iter()
+            .for_each(|block| {
+                let channels = block * CHANNELS..((block + 1) * CHANNELS).min(c_in);
+                for o in 0..c_out {
+                    for c in channels.clone() {
+                        let k = &g[(o * c_in + c) * 9..][..9];
+                        // G g (4×3), then (G g) Gᵀ (4×4); G = [[1,0,0],[½,½,½],[½,-½,½],[0,0,1]].
+                        let mut gg = [[0f32; 3]; 4];
+                        for j in 0..3 {
+                            let (a, b, d) = (k[j], k[3 + j], k[6 + j]);
+                            gg[0][j] = a;
+                            gg[1][j] = 0.5 * (a + b + d);
+                            gg[2][j] = 0.5 * (a - b + d);
+                            gg[3][j] = d;
+                        }
+                        for (r, row) in gg.iter().enumerate() {
+                            let (a, b, d) = (row[0], row[1], row[2]);
+                            let t = [a, 0.5 * (a + b + d), 0.5 * (a - b + d), d];
+                            for (s, v) in t.into_iter().enumerate() {
+                                // SAFETY: index < 16 · C_in · C_out, and only this block writes the
+                                // elements of its channels.
+                                unsafe {
+                                    *(u_addr as *mut f32)
+                                        .add(((4 * r + s) * c_in + c) * c_out + o) = v;
+                                }
+                            }
+                        }
                     }
                 }
-            }
-        }
+            });
+        drop(storage);
         let bias = match bias {
             Some(b) => b.to_dtype(DType::F32)?.to_vec1::<f32>()?,
             None => vec![0f32; c_out],
