@@ -295,6 +295,56 @@ struct Taps {
     weights: Vec<i32>,
 }
 
+/// `resizeGeneric_`'s taps for one axis: per destination index, the first source index and
+/// `ksize` float coefficients (8 for Lanczos4, else 2), exactly as OpenCV computes them (the
+/// 8-bit path then converts them to fixed point, the float path uses them as they are).
+pub(crate) fn tap_positions(
+    dsize: usize,
+    ssize: usize,
+    scale: f64,
+    inv_scale: f64,
+    horizontal: bool,
+    interpolation: Interpolation,
+) -> (Vec<i64>, Vec<f32>) {
+    let area_mode = interpolation == Interpolation::Area;
+    let ksize: usize = if interpolation == Interpolation::Lanczos4 {
+        8
+    } else {
+        2
+    };
+    let ksize2 = (ksize / 2) as i64;
+    let mut start = Vec::with_capacity(dsize);
+    let mut weights = Vec::with_capacity(dsize * ksize);
+    for d in 0..dsize {
+        let (mut s, mut f) = if area_mode {
+            let s = (d as f64 * scale).floor() as i64;
+            let f = ((d + 1) as f64 - (s + 1) as f64 * inv_scale) as f32;
+            (s, if f <= 0.0 { 0.0 } else { f - f.floor() })
+        } else {
+            let f = ((d as f64 + 0.5) * scale - 0.5) as f32;
+            let s = f.floor() as i64;
+            (s, f - s as f32)
+        };
+        // Only the horizontal axis pins linear taps at the borders; vertically OpenCV clamps
+        // the rows instead, which gives the same values because the two weights sum to one.
+        if horizontal && ksize == 2 {
+            if s < 0 {
+                (s, f) = (0, 0.0);
+            }
+            if s >= ssize as i64 - 1 {
+                (s, f) = (ssize as i64 - 1, 0.0);
+            }
+        }
+        if ksize == 8 {
+            weights.extend(lanczos4_coefficients(f));
+        } else {
+            weights.extend([1.0 - f, f]);
+        }
+        start.push(s - ksize2 + 1);
+    }
+    (start, weights)
+}
+
 /// `resizeGeneric_` for 8-bit images: separable fixed-point kernels, horizontal pass into
 /// integers, then vertical pass with rounding back to 8 bits.
 fn fixed_point(
@@ -304,46 +354,18 @@ fn fixed_point(
     interpolation: Interpolation,
     axes: &Axes,
 ) -> Vec<u8> {
-    let area_mode = interpolation == Interpolation::Area;
     let ksize: usize = if interpolation == Interpolation::Lanczos4 {
         8
     } else {
         2
     };
     let taps = |dsize: usize, ssize: usize, scale: f64, inv_scale: f64, horizontal: bool| {
-        let ksize2 = (ksize / 2) as i64;
-        let mut start = Vec::with_capacity(dsize);
-        let mut weights = Vec::with_capacity(dsize * ksize);
-        for d in 0..dsize {
-            let (mut s, mut f) = if area_mode {
-                let s = (d as f64 * scale).floor() as i64;
-                let f = ((d + 1) as f64 - (s + 1) as f64 * inv_scale) as f32;
-                (s, if f <= 0.0 { 0.0 } else { f - f.floor() })
-            } else {
-                let f = ((d as f64 + 0.5) * scale - 0.5) as f32;
-                let s = f.floor() as i64;
-                (s, f - s as f32)
-            };
-            // Only the horizontal axis pins linear taps at the borders; vertically OpenCV
-            // clamps the rows instead, which gives the same values because the two weights
-            // always sum to 2048.
-            if horizontal && ksize == 2 {
-                if s < 0 {
-                    (s, f) = (0, 0.0);
-                }
-                if s >= ssize as i64 - 1 {
-                    (s, f) = (ssize as i64 - 1, 0.0);
-                }
-            }
-            let coefficients: Vec<f32> = if ksize == 8 {
-                lanczos4_coefficients(f).to_vec()
-            } else {
-                vec![1.0 - f, f]
-            };
-            start.push(s - ksize2 + 1);
-            weights.extend(coefficients.into_iter().map(fixed));
+        let (start, coefficients) =
+            tap_positions(dsize, ssize, scale, inv_scale, horizontal, interpolation);
+        Taps {
+            start,
+            weights: coefficients.into_iter().map(fixed).collect(),
         }
-        Taps { start, weights }
     };
     let xt = taps(width, src.width, axes.scale_x, axes.inv_scale_x, true);
     let yt = taps(height, src.height, axes.scale_y, axes.inv_scale_y, false);

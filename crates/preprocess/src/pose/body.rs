@@ -17,8 +17,8 @@ const THRE2: f64 = 0.05;
 const MID_NUM: usize = 10;
 pub use ipcompose_models::openpose::{HEATMAP_CHANNELS, PAF_CHANNELS};
 
-/// `limbSeq` of `Body.__call__` (1-based part numbers).
-const LIMB_SEQ: [[usize; 2]; 19] = [
+/// `limbSeq` of `Body.__call__` (1-based part numbers); drawing uses the first 17.
+pub(super) const LIMB_SEQ: [[usize; 2]; 19] = [
     [2, 3],
     [2, 6],
     [3, 4],

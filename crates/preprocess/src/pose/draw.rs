@@ -8,26 +8,8 @@ use super::Person;
 
 const STICKWIDTH: i32 = 4;
 
-/// `limbSeq` of `draw_bodypose` (1-based; the first 17 of the estimator's limbs).
-const LIMB_SEQ: [[usize; 2]; 17] = [
-    [2, 3],
-    [2, 6],
-    [3, 4],
-    [4, 5],
-    [6, 7],
-    [7, 8],
-    [2, 9],
-    [9, 10],
-    [10, 11],
-    [2, 12],
-    [12, 13],
-    [13, 14],
-    [2, 1],
-    [1, 15],
-    [15, 17],
-    [1, 16],
-    [16, 18],
-];
+/// `limbSeq` of `draw_bodypose`: the first 17 of the estimator's limbs (1-based).
+const LIMB_SEQ: &[[usize; 2]] = super::body::LIMB_SEQ.split_at(17).0;
 
 const COLORS: [[u8; 3]; 18] = [
     [255, 0, 0],

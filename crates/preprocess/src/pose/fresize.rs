@@ -9,7 +9,7 @@
 //! tail (the last `width % 4` values of a row) sums left to right. Checked bit for bit against
 //! opencv-python-headless 5.0 on a 23×31 → 184×251 plane.
 
-use crate::resize::{area_table, lanczos4_coefficients, Interpolation};
+use crate::resize::{area_table, Interpolation};
 
 /// A row-major float32 plane.
 pub(crate) struct PlaneF32<'a> {
@@ -118,42 +118,13 @@ fn generic(
     interpolation: Interpolation,
     [inv_scale_x, inv_scale_y, scale_x, scale_y]: [f64; 4],
 ) -> Vec<f32> {
-    let area_mode = interpolation == Interpolation::Area;
     let ksize: usize = if interpolation == Interpolation::Lanczos4 {
         8
     } else {
         2
     };
     let taps = |dsize: usize, ssize: usize, scale: f64, inv_scale: f64, horizontal: bool| {
-        let ksize2 = (ksize / 2) as i64;
-        let mut start = Vec::with_capacity(dsize);
-        let mut weights = Vec::with_capacity(dsize * ksize);
-        for d in 0..dsize {
-            let (mut s, mut f) = if area_mode {
-                let s = (d as f64 * scale).floor() as i64;
-                let f = ((d + 1) as f64 - (s + 1) as f64 * inv_scale) as f32;
-                (s, if f <= 0.0 { 0.0 } else { f - f.floor() })
-            } else {
-                let f = ((d as f64 + 0.5) * scale - 0.5) as f32;
-                let s = f.floor() as i64;
-                (s, f - s as f32)
-            };
-            if horizontal && ksize == 2 {
-                if s < 0 {
-                    (s, f) = (0, 0.0);
-                }
-                if s >= ssize as i64 - 1 {
-                    (s, f) = (ssize as i64 - 1, 0.0);
-                }
-            }
-            if ksize == 8 {
-                weights.extend(lanczos4_coefficients(f));
-            } else {
-                weights.extend([1.0 - f, f]);
-            }
-            start.push(s - ksize2 + 1);
-        }
-        (start, weights)
+        crate::resize::tap_positions(dsize, ssize, scale, inv_scale, horizontal, interpolation)
     };
     let (xs, xw) = taps(width, src.width, scale_x, inv_scale_x, true);
     let (ys, yw) = taps(height, src.height, scale_y, inv_scale_y, false);
