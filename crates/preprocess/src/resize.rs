@@ -96,14 +96,15 @@ pub fn resize_interleaved(
     if (width, height) == (src.width, src.height) {
         return src.data.to_vec();
     }
-    let inv_scale_x = width as f64 / src.width as f64;
-    let inv_scale_y = height as f64 / src.height as f64;
-    let scale_x = 1.0 / inv_scale_x;
-    let scale_y = 1.0 / inv_scale_y;
-    let iscale_x = scale_x.round_ties_even() as i64;
-    let iscale_y = scale_y.round_ties_even() as i64;
-    let is_area_fast = (scale_x - iscale_x as f64).abs() < f64::EPSILON
-        && (scale_y - iscale_y as f64).abs() < f64::EPSILON;
+    let axes = Axes::new(src.width, src.height, width, height);
+    let Axes {
+        scale_x,
+        scale_y,
+        iscale_x,
+        iscale_y,
+        is_area_fast,
+        ..
+    } = axes;
 
     let mut interpolation = interpolation;
     // OpenCV: halving with INTER_LINEAR is the same as INTER_AREA's fast path, and takes it.
@@ -117,20 +118,40 @@ pub fn resize_interleaved(
             area_general(src, width, height, scale_x, scale_y)
         };
     }
-    let axes = Axes {
-        inv_scale_x,
-        inv_scale_y,
-        scale_x,
-        scale_y,
-    };
     fixed_point(src, width, height, interpolation, &axes)
 }
 
-struct Axes {
-    inv_scale_x: f64,
-    inv_scale_y: f64,
-    scale_x: f64,
-    scale_y: f64,
+/// OpenCV's `resize` scale factors for a `src_w × src_h` to `width × height` resize.
+pub(crate) struct Axes {
+    pub inv_scale_x: f64,
+    pub inv_scale_y: f64,
+    pub scale_x: f64,
+    pub scale_y: f64,
+    /// The rounded scales, and whether they are exact (`INTER_AREA`'s fast path).
+    pub iscale_x: i64,
+    pub iscale_y: i64,
+    pub is_area_fast: bool,
+}
+
+impl Axes {
+    pub(crate) fn new(src_w: usize, src_h: usize, width: usize, height: usize) -> Self {
+        let inv_scale_x = width as f64 / src_w as f64;
+        let inv_scale_y = height as f64 / src_h as f64;
+        let scale_x = 1.0 / inv_scale_x;
+        let scale_y = 1.0 / inv_scale_y;
+        let iscale_x = scale_x.round_ties_even() as i64;
+        let iscale_y = scale_y.round_ties_even() as i64;
+        Self {
+            inv_scale_x,
+            inv_scale_y,
+            scale_x,
+            scale_y,
+            iscale_x,
+            iscale_y,
+            is_area_fast: (scale_x - iscale_x as f64).abs() < f64::EPSILON
+                && (scale_y - iscale_y as f64).abs() < f64::EPSILON,
+        }
+    }
 }
 
 /// `cvRound` of a float into a saturated `uchar`.

@@ -9,7 +9,7 @@
 //! tail (the last `width % 4` values of a row) sums left to right. Checked bit for bit against
 //! opencv-python-headless 5.0 on a 23×31 → 184×251 plane.
 
-use crate::resize::{area_table, Interpolation};
+use crate::resize::{area_table, Axes, Interpolation};
 
 /// A row-major float32 plane.
 pub(crate) struct PlaneF32<'a> {
@@ -30,14 +30,15 @@ pub(crate) fn resize_f32(
     if (width, height) == (src.width, src.height) {
         return src.data.to_vec();
     }
-    let inv_scale_x = width as f64 / src.width as f64;
-    let inv_scale_y = height as f64 / src.height as f64;
-    let scale_x = 1.0 / inv_scale_x;
-    let scale_y = 1.0 / inv_scale_y;
-    let iscale_x = scale_x.round_ties_even() as i64;
-    let iscale_y = scale_y.round_ties_even() as i64;
-    let is_area_fast = (scale_x - iscale_x as f64).abs() < f64::EPSILON
-        && (scale_y - iscale_y as f64).abs() < f64::EPSILON;
+    let axes = Axes::new(src.width, src.height, width, height);
+    let Axes {
+        scale_x,
+        scale_y,
+        iscale_x,
+        iscale_y,
+        is_area_fast,
+        ..
+    } = axes;
     if interpolation == Interpolation::Area && scale_x >= 1.0 && scale_y >= 1.0 {
         return if is_area_fast {
             area_fast(src, width, height, iscale_x as usize, iscale_y as usize)
@@ -45,13 +46,7 @@ pub(crate) fn resize_f32(
             area_general(src, width, height, scale_x, scale_y)
         };
     }
-    generic(
-        src,
-        width,
-        height,
-        interpolation,
-        [inv_scale_x, inv_scale_y, scale_x, scale_y],
-    )
+    generic(src, width, height, interpolation, &axes)
 }
 
 /// `resizeAreaFast_<float, float>` (scalar form): the mean of each exact block, summed row by
@@ -116,7 +111,7 @@ fn generic(
     width: usize,
     height: usize,
     interpolation: Interpolation,
-    [inv_scale_x, inv_scale_y, scale_x, scale_y]: [f64; 4],
+    axes: &Axes,
 ) -> Vec<f32> {
     let ksize: usize = if interpolation == Interpolation::Lanczos4 {
         8
@@ -126,8 +121,8 @@ fn generic(
     let taps = |dsize: usize, ssize: usize, scale: f64, inv_scale: f64, horizontal: bool| {
         crate::resize::tap_positions(dsize, ssize, scale, inv_scale, horizontal, interpolation)
     };
-    let (xs, xw) = taps(width, src.width, scale_x, inv_scale_x, true);
-    let (ys, yw) = taps(height, src.height, scale_y, inv_scale_y, false);
+    let (xs, xw) = taps(width, src.width, axes.scale_x, axes.inv_scale_x, true);
+    let (ys, yw) = taps(height, src.height, axes.scale_y, axes.inv_scale_y, false);
     let clamp = |i: i64, n: usize| i.clamp(0, n as i64 - 1) as usize;
 
     let rows: Vec<Vec<f32>> = (0..src.height)
