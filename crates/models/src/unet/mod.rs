@@ -10,6 +10,7 @@ mod config;
 pub(crate) mod encoder;
 mod fused_attention;
 pub(crate) mod layers;
+mod softmax_block;
 pub(crate) mod winograd;
 
 pub use attention::{multi_head_attention, unfused_attention, IpKeyValue};
