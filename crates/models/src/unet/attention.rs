@@ -1,6 +1,6 @@
 //! `Transformer2DModel` and its blocks, with the decoupled cross-attention injection point.
 
-use candle_core::{Module, Result, Tensor, D};
+use candle_core::{Module, Result, Tensor};
 use candle_nn::{
     conv2d, group_norm, layer_norm, linear, linear_no_bias, Conv2d, GroupNorm, LayerNorm, Linear,
     VarBuilder,
@@ -115,10 +115,7 @@ impl FeedForward {
 impl Module for FeedForward {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let projected = self.proj.forward(xs)?;
-        let half = projected.dim(D::Minus1)? / 2;
-        let value = projected.narrow(D::Minus1, 0, half)?;
-        let gate = projected.narrow(D::Minus1, half, half)?;
-        self.out.forward(&(value * gate.gelu_erf()?)?)
+        self.out.forward(&super::geglu::geglu_gate(&projected)?)
     }
 }
 

@@ -9,6 +9,7 @@ mod attention;
 mod config;
 pub(crate) mod encoder;
 mod fused_attention;
+mod geglu;
 pub(crate) mod layers;
 mod softmax_block;
 pub(crate) mod winograd;

@@ -42,6 +42,9 @@ fn softmax_numerators_scalar(scores: &mut [f32], keys: usize, scale: f32) -> [f3
 }
 
 #[cfg(target_arch = "x86_64")]
+pub(crate) use avx2::exp as exp_avx2;
+
+#[cfg(target_arch = "x86_64")]
 mod avx2 {
     use super::LANES;
     use std::arch::x86_64::*;
@@ -50,7 +53,7 @@ mod avx2 {
     /// (ln 2 split in two for exactness) and a degree-5 polynomial for `e^r`.
     #[inline]
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn exp(x: __m256) -> __m256 {
+    pub(crate) unsafe fn exp(x: __m256) -> __m256 {
         let x = _mm256_min_ps(x, _mm256_set1_ps(88.376_26));
         let x = _mm256_max_ps(x, _mm256_set1_ps(-88.376_26));
         let n = _mm256_floor_ps(_mm256_fmadd_ps(
