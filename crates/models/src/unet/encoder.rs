@@ -8,7 +8,9 @@ use super::winograd::Conv3x3;
 
 use super::attention::{IpKeyValue, SpatialTransformer, SpatialTransformerConfig};
 use super::config::{DownBlockKind, UNetConfig};
-use super::layers::{timestep_features, Downsample, ResnetBlock, TimestepEmbedding};
+use super::layers::{
+    timestep_features, winograd_at_level, Downsample, ResnetBlock, TimestepEmbedding,
+};
 
 pub(crate) fn transformer(
     vb: VarBuilder,
@@ -101,6 +103,7 @@ impl Encoder {
                     temb_c,
                     groups,
                     eps,
+                    winograd_at_level(i, n),
                 )?);
                 if cfg.down_blocks[i] == DownBlockKind::CrossAttn {
                     let depth = cfg.transformer_layers_per_block[i];
@@ -134,7 +137,15 @@ impl Encoder {
         let mid_c = channels[n - 1];
         let vb_mid = vb.pp("mid_block");
         let mid_block = MidBlock {
-            resnet_in: ResnetBlock::new(vb_mid.pp("resnets.0"), mid_c, mid_c, temb_c, groups, eps)?,
+            resnet_in: ResnetBlock::new(
+                vb_mid.pp("resnets.0"),
+                mid_c,
+                mid_c,
+                temb_c,
+                groups,
+                eps,
+                winograd_at_level(n - 1, n),
+            )?,
             attention: transformer(
                 vb_mid.pp("attentions.0"),
                 cfg,
@@ -150,6 +161,7 @@ impl Encoder {
                 temb_c,
                 groups,
                 eps,
+                winograd_at_level(n - 1, n),
             )?,
         };
         Ok(Self {

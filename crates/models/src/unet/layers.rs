@@ -51,9 +51,23 @@ impl Module for TimestepEmbedding {
     }
 }
 
-/// A 3×3, padding-1, stride-1 convolution (Winograd on the CPU for f32).
-pub fn conv_3x3(in_c: usize, out_c: usize, vb: VarBuilder) -> Result<Conv3x3> {
-    Conv3x3::new(in_c, out_c, 1, vb)
+/// A 3×3, padding-1, stride-1 convolution: Winograd on the CPU for f32 when `winograd`,
+/// one im2col product on the plain weights otherwise.
+pub fn conv_3x3(in_c: usize, out_c: usize, vb: VarBuilder, winograd: bool) -> Result<Conv3x3> {
+    if winograd {
+        Conv3x3::new(in_c, out_c, 1, vb)
+    } else {
+        Conv3x3::direct(in_c, out_c, vb)
+    }
+}
+
+/// Whether the resnets of UNet level `level` (0 = full latent resolution, `levels - 1` = the
+/// coarsest, with the mid block) use the Winograd convolution. The coarsest level holds the
+/// most 3×3 weights (1.06 GB of SD1.5's UNet: 1280 channels at 8×8) and the least work; its
+/// transformed weights would add 0.83 GB (16/9 of the originals), so it keeps the plain
+/// weights and convolves by im2col (see `im2col.rs`).
+pub fn winograd_at_level(level: usize, levels: usize) -> bool {
+    level + 1 < levels
 }
 
 /// `ResnetBlock2D` with the default time-embedding handling (added after the first conv).
@@ -68,6 +82,7 @@ pub struct ResnetBlock {
 }
 
 impl ResnetBlock {
+    /// `winograd` picks the convolution algorithm (see [`winograd_at_level`]).
     pub fn new(
         vb: VarBuilder,
         in_c: usize,
@@ -75,6 +90,7 @@ impl ResnetBlock {
         temb_c: usize,
         groups: usize,
         eps: f64,
+        winograd: bool,
     ) -> Result<Self> {
         let conv_shortcut = if in_c != out_c {
             Some(conv2d(
@@ -89,10 +105,10 @@ impl ResnetBlock {
         };
         Ok(Self {
             norm1: group_norm(groups, in_c, eps, vb.pp("norm1"))?,
-            conv1: conv_3x3(in_c, out_c, vb.pp("conv1"))?,
+            conv1: conv_3x3(in_c, out_c, vb.pp("conv1"), winograd)?,
             time_emb_proj: linear(temb_c, out_c, vb.pp("time_emb_proj"))?,
             norm2: group_norm(groups, out_c, eps, vb.pp("norm2"))?,
-            conv2: conv_3x3(out_c, out_c, vb.pp("conv2"))?,
+            conv2: conv_3x3(out_c, out_c, vb.pp("conv2"), winograd)?,
             conv_shortcut,
         })
     }
@@ -148,7 +164,8 @@ pub struct Upsample {
 impl Upsample {
     pub fn new(vb: VarBuilder, channels: usize) -> Result<Self> {
         Ok(Self {
-            conv: conv_3x3(channels, channels, vb.pp("conv"))?,
+            // Runs after the upsampling, at the next finer level.
+            conv: conv_3x3(channels, channels, vb.pp("conv"), true)?,
         })
     }
 

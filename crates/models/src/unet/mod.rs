@@ -10,6 +10,7 @@ mod config;
 pub(crate) mod encoder;
 mod fused_attention;
 mod geglu;
+mod im2col;
 pub(crate) mod layers;
 mod softmax_block;
 pub(crate) mod winograd;
@@ -22,7 +23,7 @@ use candle_nn::{group_norm, GroupNorm, VarBuilder};
 
 use attention::SpatialTransformer;
 use encoder::{time_embedding_channels, transformer, Encoder};
-use layers::{ResnetBlock, Upsample};
+use layers::{winograd_at_level, ResnetBlock, Upsample};
 use winograd::Conv3x3;
 
 /// Everything added to the frozen UNet for one step. Empty by default.
@@ -87,6 +88,7 @@ impl UNet2DConditionModel {
                     temb_c,
                     groups,
                     eps,
+                    winograd_at_level(n - 1 - i, n),
                 )?);
                 if cfg.up_blocks[i] == UpBlockKind::CrossAttn {
                     let depth = rev(&cfg.transformer_layers_per_block, i);
