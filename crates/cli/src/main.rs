@@ -340,7 +340,26 @@ fn run(
     Ok(())
 }
 
+/// Keeps freed buffers in the process instead of returning them to the kernel. Each UNet
+/// layer allocates and frees activation buffers of several MB; with glibc's defaults these are
+/// fresh `mmap`s (or trimmed heap) every time, and the page faults that zero them again took
+/// about 3% of a step. The process's peak memory is unchanged: it is the same buffers, reused.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn keep_freed_memory() {
+    // SAFETY: mallopt only sets allocator parameters; called before any threads start.
+    unsafe {
+        // No mmap'd chunks (their threshold caps at 32 MB, and GEGLU's projections are 84 MB)
+        // and no trimming of the heap's top.
+        libc::mallopt(libc::M_MMAP_MAX, 0);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn keep_freed_memory() {}
+
 fn main() -> ExitCode {
+    keep_freed_memory();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run {
