@@ -16,9 +16,9 @@
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Module, Result, Shape, Tensor};
 use candle_nn::{conv2d, Conv2d, Conv2dConfig, VarBuilder};
 use gemm::Parallelism;
+use rayon::prelude::*;
 
 use super::im2col::conv3x3_im2col;
-use rayon::prelude::*;
 
 /// Tiles per block. Measured on 320 channels, 64×64, batch 2, 2 threads (AMD EPYC, AVX2,
 /// 512 KiB L2), with `U_i` read in place: 32 tiles 67–84 ms, 64 tiles 64–68 ms, 128 tiles
