@@ -1,28 +1,29 @@
-//! 3×3 convolutions (stride 1, padding 1) on the CPU as one matrix product with the weights
-//! read in place, for the coarse UNet levels that keep their plain weights.
+//! Stride-1 "same" convolutions (square odd kernel k, padding k/2) on the CPU as matrix
+//! products with the weights read in place: the coarse UNet levels that keep their plain 3×3
+//! weights, and the OpenPose body network's 3×3 and 7×7 layers.
 //!
-//! The input of the whole batch becomes one `[B·H·W, C_in·9]` patch matrix (small at these
-//! levels: 8×8 latents), and `out[p][o] = Σ_k patches[p][k] · weight[o][k]` is a single GEMM
-//! whose right operand is the `[C_out, C_in·3·3]` weight with unit row stride, which `gemm`
-//! reads without repacking. candle's conv2d does one product per batch item (64 rows each at
-//! 8×8) through its tiled im2col: 156 ms against 37 ms for 1280 channels at 8×8, batch 2.
+//! The input becomes a `[pixels, C_in·k·k]` patch matrix, built for a chunk of pixels at a
+//! time (all of them at the UNet's 8×8 level; bounded memory on large images), and
+//! `out[p][o] = Σ_j patches[p][j] · weight[o][j]` is one GEMM per chunk whose right operand
+//! is the `[C_out, C_in·k·k]` weight with unit row stride, which `gemm` reads without
+//! repacking. candle's conv2d does one product per batch item (64 rows each at 8×8) through
+//! its tiled im2col: 156 ms against 37 ms for 1280 channels at 8×8, batch 2.
 
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use gemm::Parallelism;
 use rayon::prelude::*;
+
+/// Pixels per patch chunk: with 64 channels and a 3×3 kernel a chunk's patches are 9 MiB.
+const PIXEL_CHUNK: usize = 4096;
 
 struct Im2ColConv<'a> {
     bias: Option<&'a [f32]>,
 }
 
 /// The convolution of a contiguous f32 CPU `[B, C_in, H, W]` tensor with a contiguous f32 CPU
-/// `[C_out, C_in, 3, 3]` weight plus `bias` (`C_out` values), or `None` for any other input
-/// (callers use candle's conv2d).
-pub fn conv3x3_im2col(
-    xs: &Tensor,
-    weight: &Tensor,
-    bias: Option<&[f32]>,
-) -> Result<Option<Tensor>> {
+/// `[C_out, C_in, k, k]` weight (k odd, padding k/2, stride 1) plus `bias` (`C_out` values),
+/// or `None` for any other input (callers use candle's conv2d).
+pub fn conv_im2col(xs: &Tensor, weight: &Tensor, bias: Option<&[f32]>) -> Result<Option<Tensor>> {
     let usable = |t: &Tensor| {
         t.device().is_cpu()
             && t.dtype() == candle_core::DType::F32
@@ -32,7 +33,8 @@ pub fn conv3x3_im2col(
     if !(usable(xs) && usable(weight)) || xs.dim(1)? != weight.dim(1)? {
         return Ok(None);
     }
-    if weight.dims()[2..] != [3, 3] || bias.is_some_and(|b| b.len() != weight.dim(0).unwrap_or(0)) {
+    let (kh, kw) = (weight.dim(2)?, weight.dim(3)?);
+    if kh != kw || kh % 2 == 0 || bias.is_some_and(|b| b.len() != weight.dim(0).unwrap_or(0)) {
         return Ok(None);
     }
     Ok(Some(xs.apply_op2_no_bwd(weight, &Im2ColConv { bias })?))
@@ -47,7 +49,7 @@ fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f
 
 impl CustomOp2 for Im2ColConv<'_> {
     fn name(&self) -> &'static str {
-        "im2col-conv3x3"
+        "im2col-conv"
     }
 
     fn cpu_fwd(
@@ -58,54 +60,70 @@ impl CustomOp2 for Im2ColConv<'_> {
         w_l: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (b, c_in, h, wd) = xs_l.shape().dims4()?;
-        let c_out = w_l.shape().dims4()?.0;
+        let (c_out, _, k, _) = w_l.shape().dims4()?;
         let (x, w) = (contiguous_f32(xs, xs_l)?, contiguous_f32(w, w_l)?);
-        let (pixels, k) = (b * h * wd, c_in * 9);
-        // patches[p][c·9 + dy·3 + dx] = x[b][c][y + dy - 1][x + dx - 1], zero outside.
-        let mut patches = vec![0f32; pixels * k];
-        patches.par_chunks_mut(k).enumerate().for_each(|(p, row)| {
-            let (batch, y, xx) = (p / (h * wd), p / wd % h, p % wd);
-            for c in 0..c_in {
-                let plane = &x[(batch * c_in + c) * h * wd..][..h * wd];
-                for dy in 0..3 {
-                    let sy = y + dy;
-                    if sy < 1 || sy > h {
-                        continue;
-                    }
-                    for dx in 0..3 {
-                        let sx = xx + dx;
-                        if sx >= 1 && sx <= wd {
-                            row[c * 9 + dy * 3 + dx] = plane[(sy - 1) * wd + sx - 1];
+        let (pixels, taps, pad) = (b * h * wd, k * k, k / 2);
+        let depth = c_in * taps;
+        let chunk = PIXEL_CHUNK.min(pixels).max(1);
+        let mut patches = vec![0f32; chunk * depth];
+        let mut out_t = vec![0f32; pixels * c_out];
+        for (index, out_rows) in out_t.chunks_mut(chunk * c_out).enumerate() {
+            let first = index * chunk;
+            let rows = out_rows.len() / c_out;
+            // patches[p][c·k² + dy·k + dx] = x[b][c][y + dy - pad][x + dx - pad], zero outside.
+            patches[..rows * depth]
+                .par_chunks_mut(depth)
+                .enumerate()
+                .for_each(|(r, row)| {
+                    let p = first + r;
+                    let (batch, y, xx) = (p / (h * wd), p / wd % h, p % wd);
+                    for c in 0..c_in {
+                        let plane = &x[(batch * c_in + c) * h * wd..][..h * wd];
+                        let taps_of_c = &mut row[c * taps..][..taps];
+                        for dy in 0..k {
+                            let sy = y + dy;
+                            let line = &mut taps_of_c[dy * k..][..k];
+                            if sy < pad || sy >= h + pad {
+                                line.fill(0.0);
+                                continue;
+                            }
+                            let src = &plane[(sy - pad) * wd..][..wd];
+                            for (dx, v) in line.iter_mut().enumerate() {
+                                let sx = xx + dx;
+                                *v = if sx >= pad && sx < wd + pad {
+                                    src[sx - pad]
+                                } else {
+                                    0.0
+                                };
+                            }
                         }
                     }
-                }
+                });
+            // SAFETY: out_rows is [rows][c_out], patches [rows][depth], w [c_out][depth] (read
+            // as the depth × c_out right operand with row stride 1); all within their lengths.
+            unsafe {
+                gemm::gemm(
+                    rows,
+                    c_out,
+                    depth,
+                    out_rows.as_mut_ptr(),
+                    1,
+                    c_out as isize,
+                    false,
+                    patches.as_ptr(),
+                    1,
+                    depth as isize,
+                    w.as_ptr(),
+                    depth as isize,
+                    1,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    Parallelism::Rayon(rayon::current_num_threads()),
+                );
             }
-        });
-        let mut out_t = vec![0f32; pixels * c_out];
-        // SAFETY: out_t is [pixels][c_out], patches [pixels][k], w [c_out][k] (read as the
-        // k × c_out right operand with row stride 1); all addressed within their lengths.
-        unsafe {
-            gemm::gemm(
-                pixels,
-                c_out,
-                k,
-                out_t.as_mut_ptr(),
-                1,
-                c_out as isize,
-                false,
-                patches.as_ptr(),
-                1,
-                k as isize,
-                w.as_ptr(),
-                k as isize,
-                1,
-                0.0,
-                1.0,
-                false,
-                false,
-                false,
-                Parallelism::Rayon(rayon::current_num_threads()),
-            );
         }
         // [B·H·W, C_out] -> [B, C_out, H, W], plus the bias.
         let mut out = vec![0f32; pixels * c_out];
@@ -127,23 +145,34 @@ mod tests {
     use super::*;
     use candle_core::Device;
 
-    /// Against candle's conv2d on odd sizes and batch 2 (relative 1e-5 of the output's scale).
+    /// Against candle's conv2d on odd sizes, batch 2, kernels 1, 3 and 7, and an image of more
+    /// than one pixel chunk (relative 1e-5 of the output's scale).
     #[test]
     fn matches_candle_conv2d() {
         let device = Device::Cpu;
-        for (b, ci, co, h, w) in [(2, 5, 7, 9, 11), (1, 16, 24, 8, 8), (2, 3, 4, 1, 2)] {
+        for (b, ci, co, h, w, k) in [
+            (2, 5, 7, 9, 11, 3),
+            (1, 16, 24, 8, 8, 3),
+            (2, 3, 4, 1, 2, 3),
+            (1, 6, 5, 13, 10, 7),
+            (2, 4, 3, 5, 6, 1),
+            (1, 3, 8, 70, 61, 3),
+        ] {
             let xs = Tensor::randn(0f32, 1.0, (b, ci, h, w), &device).unwrap();
-            let wt = Tensor::randn(0f32, 0.2, (co, ci, 3, 3), &device).unwrap();
+            let wt = Tensor::randn(0f32, 0.2, (co, ci, k, k), &device).unwrap();
             let bias: Vec<f32> = (0..co).map(|o| o as f32 * 0.1 - 0.3).collect();
-            let ours = conv3x3_im2col(&xs, &wt, Some(&bias)).unwrap().unwrap();
+            let ours = conv_im2col(&xs, &wt, Some(&bias)).unwrap().unwrap();
             let bias_t = Tensor::from_vec(bias, (1, co, 1, 1), &device).unwrap();
-            let expected = xs.conv2d(&wt, 1, 1, 1, 1).unwrap();
+            let expected = xs.conv2d(&wt, k / 2, 1, 1, 1).unwrap();
             let expected = expected.broadcast_add(&bias_t).unwrap();
             let scale = expected.abs().unwrap().max_all().unwrap();
             let scale = scale.to_scalar::<f32>().unwrap();
             let diff = (ours - expected).unwrap().abs().unwrap().max_all().unwrap();
             let diff = diff.to_scalar::<f32>().unwrap();
-            assert!(diff <= 1e-5 * scale, "b{b} ci{ci} co{co} {h}x{w}: {diff}");
+            assert!(
+                diff <= 1e-5 * scale,
+                "b{b} ci{ci} co{co} {h}x{w} k{k}: {diff}"
+            );
         }
     }
 
@@ -166,7 +195,7 @@ mod tests {
             best
         };
         let candle = time(&|| xs.conv2d(&wt, 1, 1, 1, 1).unwrap());
-        let ours = time(&|| conv3x3_im2col(&xs, &wt, None).unwrap().unwrap());
+        let ours = time(&|| conv_im2col(&xs, &wt, None).unwrap().unwrap());
         println!(
             "conv 1280->1280 8x8 batch 2: candle conv2d {:.1} ms, im2col {:.1} ms",
             candle * 1e3,

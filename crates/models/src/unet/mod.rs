@@ -10,7 +10,7 @@ mod config;
 pub(crate) mod encoder;
 mod fused_attention;
 mod geglu;
-mod im2col;
+pub(crate) mod im2col;
 pub(crate) mod layers;
 mod softmax_block;
 pub(crate) mod winograd;

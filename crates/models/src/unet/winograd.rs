@@ -18,7 +18,7 @@ use candle_nn::{conv2d, Conv2d, Conv2dConfig, VarBuilder};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
-use super::im2col::conv3x3_im2col;
+use super::im2col::conv_im2col;
 
 /// Tiles per block. Measured on 320 channels, 64×64, batch 2, 2 threads (AMD EPYC, AVX2,
 /// 512 KiB L2), with `U_i` read in place: 32 tiles 67–84 ms, 64 tiles 64–68 ms, 128 tiles
@@ -443,7 +443,7 @@ impl Module for Conv3x3 {
             Self::Im2Col { conv, bias } => {
                 let usable = bias.is_some() == conv.bias().is_some();
                 let fast = if usable {
-                    conv3x3_im2col(&xs.contiguous()?, conv.weight(), bias.as_deref())?
+                    conv_im2col(&xs.contiguous()?, conv.weight(), bias.as_deref())?
                 } else {
                     None
                 };
