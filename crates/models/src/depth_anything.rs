@@ -26,7 +26,7 @@
 
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device, Module, Result, Tensor};
+use candle_core::{DType, Device, Module, Result, Tensor, D};
 use candle_nn::{
     conv2d, conv2d_no_bias, conv_transpose2d, layer_norm, linear, linear_no_bias, Conv2d,
     Conv2dConfig, ConvTranspose2d, ConvTranspose2dConfig, LayerNorm, Linear, VarBuilder,
@@ -34,6 +34,7 @@ use candle_nn::{
 use serde::Deserialize;
 
 use crate::error::{read_json, ModelError};
+use crate::unet::winograd::Conv3x3;
 use crate::weights::WeightStore;
 
 /// `relative` ends the head with a ReLU (inverse relative depth: near = large); `metric` with a
@@ -491,19 +492,11 @@ impl Attention {
     }
 
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let (b, n, c) = xs.dims3()?;
-        let hd = c / self.heads;
-        let qkv = self
-            .qkv
-            .forward(xs)?
-            .reshape((b, n, 3, self.heads, hd))?
-            .permute((2, 0, 3, 1, 4))?;
-        let q = (qkv.get(0)?.contiguous()? * (hd as f64).powf(-0.5))?;
-        let k = qkv.get(1)?.contiguous()?;
-        let v = qkv.get(2)?.contiguous()?;
-        let scores = q.matmul(&k.t()?.contiguous()?)?;
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-        let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, n, c))?;
+        let c = xs.dim(D::Minus1)?;
+        let qkv = self.qkv.forward(xs)?;
+        // [B, N, heads·d] each, as the UNet's attention takes them (fused on the CPU).
+        let part = |i: usize| qkv.narrow(D::Minus1, i * c, c)?.contiguous();
+        let out = crate::unet::multi_head_attention(&part(0)?, &part(1)?, &part(2)?, self.heads)?;
         self.proj.forward(&out)
     }
 }
@@ -775,25 +768,23 @@ impl ReassembleLayer {
     }
 }
 
-fn conv3x3(c: usize, vb: VarBuilder) -> Result<Conv2d> {
-    let cfg = Conv2dConfig {
-        padding: 1,
-        ..Default::default()
-    };
-    conv2d(c, c, 3, cfg, vb)
+/// A 3×3, padding-1 convolution: Winograd on the CPU in f32 (the DPT head's convolutions at
+/// up to 518×518 were most of the map's time through candle's conv2d), candle's otherwise.
+fn conv3x3(in_c: usize, out_c: usize, vb: VarBuilder) -> Result<Conv3x3> {
+    Conv3x3::new(in_c, out_c, 1, vb)
 }
 
 /// `DepthAnythingPreActResidualLayer`: `x + conv2(relu(conv1(relu(x))))`.
 struct ResidualUnit {
-    convolution1: Conv2d,
-    convolution2: Conv2d,
+    convolution1: Conv3x3,
+    convolution2: Conv3x3,
 }
 
 impl ResidualUnit {
     fn new(vb: VarBuilder, c: usize) -> Result<Self> {
         Ok(Self {
-            convolution1: conv3x3(c, vb.pp("convolution1"))?,
-            convolution2: conv3x3(c, vb.pp("convolution2"))?,
+            convolution1: conv3x3(c, c, vb.pp("convolution1"))?,
+            convolution2: conv3x3(c, c, vb.pp("convolution2"))?,
         })
     }
 
@@ -915,8 +906,8 @@ impl Neck {
 }
 
 struct Head {
-    conv1: Conv2d,
-    conv2: Conv2d,
+    conv1: Conv3x3,
+    conv2: Conv3x3,
     conv3: Conv2d,
     kind: DepthEstimationType,
     max_depth: f64,
@@ -926,13 +917,9 @@ struct Head {
 impl Head {
     fn new(vb: VarBuilder, cfg: &DepthAnythingConfig) -> Result<Self> {
         let f = cfg.fusion_hidden_size;
-        let pad1 = Conv2dConfig {
-            padding: 1,
-            ..Default::default()
-        };
         Ok(Self {
-            conv1: conv2d(f, f / 2, 3, pad1, vb.pp("conv1"))?,
-            conv2: conv2d(f / 2, cfg.head_hidden_size, 3, pad1, vb.pp("conv2"))?,
+            conv1: conv3x3(f, f / 2, vb.pp("conv1"))?,
+            conv2: conv3x3(f / 2, cfg.head_hidden_size, vb.pp("conv2"))?,
             conv3: conv2d(
                 cfg.head_hidden_size,
                 1,
