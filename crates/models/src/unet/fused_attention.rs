@@ -14,20 +14,12 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
+use super::contiguous_f32;
 use super::softmax_block::{softmax_numerators, LANES as QUERY_BLOCK};
 
 struct FusedAttention {
     heads: usize,
     scale: f32,
-}
-
-/// A contiguous `f32` slice of a tensor's storage, or `None` when it is another type or
-/// not contiguous (callers then take the unfused path).
-fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout) -> Option<&'a [f32]> {
-    match (storage, layout.contiguous_offsets()) {
-        (CpuStorage::F32(data), Some((start, end))) => Some(&data[start..end]),
-        _ => None,
-    }
 }
 
 impl CustomOp3 for FusedAttention {
@@ -190,6 +182,7 @@ pub fn fused_attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Resu
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::unet::test_support::max_abs_diff;
     use candle_core::Device;
 
     /// Against the stock-op path on odd sizes (a partial last query block, more keys than a
@@ -208,14 +201,7 @@ mod tests {
             let v = Tensor::randn(0f32, 1.0, (b, m, c), &device).unwrap();
             let fused = fused_attention(&q, &k, &v, heads).unwrap().unwrap();
             let reference = crate::unet::unfused_attention(&q, &k, &v, heads).unwrap();
-            let diff = (fused - reference)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let diff = max_abs_diff(&fused, &reference);
             // Rounding only: the unfused path divides by the sum before the second product.
             assert!(diff < 1e-5, "b{b} n{n} m{m} heads{heads} d{d}: {diff}");
         }

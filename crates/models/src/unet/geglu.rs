@@ -44,9 +44,8 @@ impl CustomOp1 for GegluGate {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let input = match (storage, layout.contiguous_offsets()) {
-            (CpuStorage::F32(data), Some((start, end))) => &data[start..end],
-            _ => candle_core::bail!("geglu takes a contiguous f32 tensor"),
+        let Some(input) = super::contiguous_f32(storage, layout) else {
+            candle_core::bail!("geglu takes a contiguous f32 tensor")
         };
         let mut dims = layout.shape().dims().to_vec();
         let half = dims.last().copied().unwrap_or(0) / 2;
@@ -134,6 +133,7 @@ mod avx2 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::unet::test_support::max_abs_diff;
     use candle_core::Device;
 
     /// Against candle's `value · gelu_erf(gate)` in f64 (libm's `erf`), on rows whose width is
@@ -186,14 +186,7 @@ mod tests {
         let transposed = x.t().unwrap().contiguous().unwrap().t().unwrap();
         let fused = geglu_gate(&x).unwrap();
         let stock = geglu_gate(&transposed).unwrap();
-        let diff = (fused - stock)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let diff = max_abs_diff(&fused, &stock);
         assert!(diff < 1e-5, "{diff}");
         assert!(geglu_gate(&Tensor::zeros((2, 5), DType::F32, &device).unwrap()).is_err());
     }

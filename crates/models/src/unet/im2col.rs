@@ -41,9 +41,9 @@ pub fn conv_im2col(xs: &Tensor, weight: &Tensor, bias: Option<&[f32]>) -> Result
 }
 
 fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f32]> {
-    match (storage, layout.contiguous_offsets()) {
-        (CpuStorage::F32(data), Some((start, end))) => Ok(&data[start..end]),
-        _ => candle_core::bail!("im2col conv takes contiguous f32 tensors"),
+    match super::contiguous_f32(storage, layout) {
+        Some(data) => Ok(data),
+        None => candle_core::bail!("im2col conv takes contiguous f32 tensors"),
     }
 }
 
@@ -143,6 +143,7 @@ impl CustomOp2 for Im2ColConv<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::unet::test_support::{best_of_five, max_abs, max_abs_diff};
     use candle_core::Device;
 
     /// Against candle's conv2d on odd sizes, batch 2, kernels 1, 3 and 7, and an image of more
@@ -165,10 +166,7 @@ mod tests {
             let bias_t = Tensor::from_vec(bias, (1, co, 1, 1), &device).unwrap();
             let expected = xs.conv2d(&wt, k / 2, 1, 1, 1).unwrap();
             let expected = expected.broadcast_add(&bias_t).unwrap();
-            let scale = expected.abs().unwrap().max_all().unwrap();
-            let scale = scale.to_scalar::<f32>().unwrap();
-            let diff = (ours - expected).unwrap().abs().unwrap().max_all().unwrap();
-            let diff = diff.to_scalar::<f32>().unwrap();
+            let (scale, diff) = (max_abs(&expected), max_abs_diff(&ours, &expected));
             assert!(
                 diff <= 1e-5 * scale,
                 "b{b} ci{ci} co{co} {h}x{w} k{k}: {diff}"
@@ -184,18 +182,8 @@ mod tests {
         let device = Device::Cpu;
         let xs = Tensor::randn(0f32, 1.0, (2, 1280, 8, 8), &device).unwrap();
         let wt = Tensor::randn(0f32, 0.02, (1280, 1280, 3, 3), &device).unwrap();
-        let time = |f: &dyn Fn() -> Tensor| {
-            f();
-            let mut best = f64::MAX;
-            for _ in 0..5 {
-                let start = std::time::Instant::now();
-                f();
-                best = best.min(start.elapsed().as_secs_f64());
-            }
-            best
-        };
-        let candle = time(&|| xs.conv2d(&wt, 1, 1, 1, 1).unwrap());
-        let ours = time(&|| conv_im2col(&xs, &wt, None).unwrap().unwrap());
+        let candle = best_of_five(&|| xs.conv2d(&wt, 1, 1, 1, 1).unwrap());
+        let ours = best_of_five(&|| conv_im2col(&xs, &wt, None).unwrap().unwrap());
         println!(
             "conv 1280->1280 8x8 batch 2: candle conv2d {:.1} ms, im2col {:.1} ms",
             candle * 1e3,

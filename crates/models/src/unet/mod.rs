@@ -18,13 +18,62 @@ pub(crate) mod winograd;
 pub use attention::{multi_head_attention, unfused_attention, IpKeyValue};
 pub use config::{CrossAttentionLayer, DownBlockKind, UNetConfig, UNetPart, UpBlockKind};
 
-use candle_core::{Module, Result, Tensor};
+use candle_core::{CpuStorage, Layout, Module, Result, Tensor};
 use candle_nn::{group_norm, GroupNorm, VarBuilder};
 
 use attention::SpatialTransformer;
 use encoder::{time_embedding_channels, transformer, Encoder};
 use layers::{winograd_at_level, ResnetBlock, Upsample};
 use winograd::Conv3x3;
+
+/// The contiguous `f32` slice of a CPU tensor's storage, or `None` for another dtype or a
+/// strided layout: what the CPU kernels (attention, GEGLU, convolutions) read.
+pub(crate) fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout) -> Option<&'a [f32]> {
+    match (storage, layout.contiguous_offsets()) {
+        (CpuStorage::F32(data), Some((start, end))) => Some(&data[start..end]),
+        _ => None,
+    }
+}
+
+/// Helpers shared by the kernels' unit tests.
+#[cfg(test)]
+pub(crate) mod test_support {
+    use candle_core::Tensor;
+
+    /// `max |a - b|` over all elements.
+    pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
+    /// `max |t|` over all elements.
+    pub fn max_abs(t: &Tensor) -> f32 {
+        t.abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
+    /// The best of five timed calls after one untimed, in seconds.
+    pub fn best_of_five(f: &dyn Fn() -> Tensor) -> f64 {
+        f();
+        (0..5)
+            .map(|_| {
+                let start = std::time::Instant::now();
+                f();
+                start.elapsed().as_secs_f64()
+            })
+            .fold(f64::MAX, f64::min)
+    }
+}
 
 /// Everything added to the frozen UNet for one step. Empty by default.
 #[derive(Debug, Default, Clone, Copy)]

@@ -339,9 +339,8 @@ impl CustomOp1 for TransformedWeights {
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let (bsz, c_in, h, w) = layout.shape().dims4()?;
-        let x = match (storage, layout.contiguous_offsets()) {
-            (CpuStorage::F32(data), Some((start, end))) => &data[start..end],
-            _ => candle_core::bail!("winograd conv takes a contiguous f32 tensor"),
+        let Some(x) = super::contiguous_f32(storage, layout) else {
+            candle_core::bail!("winograd conv takes a contiguous f32 tensor")
         };
         if c_in != self.c_in {
             candle_core::bail!(
@@ -469,6 +468,7 @@ impl Module for Conv3x3 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::unet::test_support::{best_of_five, max_abs, max_abs_diff};
     use candle_core::Device;
 
     fn reference(xs: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Tensor {
@@ -502,21 +502,7 @@ mod tests {
             let ys = tw.forward(&xs).unwrap().unwrap();
             let expected = reference(&xs, &wt, bt);
             assert_eq!(ys.dims(), expected.dims());
-            let scale = expected
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
-            let diff = (ys - &expected)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let (scale, diff) = (max_abs(&expected), max_abs_diff(&ys, &expected));
             println!(
                 "b{b} ci{ci} co{co} {h}x{w}: max diff {diff:.2e}, relative {:.2e}",
                 diff / scale
@@ -554,18 +540,8 @@ mod tests {
         let bt = Tensor::randn(0f32, 1.0, 320, &device).unwrap();
         let tw = TransformedWeights::new(&wt, Some(&bt)).unwrap();
         let flops = 2.0 * 2.0 * 64.0 * 64.0 * 320.0 * 320.0 * 9.0;
-        let time = |f: &dyn Fn() -> Tensor| {
-            f();
-            let mut best = f64::MAX;
-            for _ in 0..5 {
-                let start = std::time::Instant::now();
-                f();
-                best = best.min(start.elapsed().as_secs_f64());
-            }
-            best
-        };
-        let candle = time(&|| reference(&xs, &wt, Some(&bt)));
-        let ours = time(&|| tw.forward(&xs).unwrap().unwrap());
+        let candle = best_of_five(&|| reference(&xs, &wt, Some(&bt)));
+        let ours = best_of_five(&|| tw.forward(&xs).unwrap().unwrap());
         println!(
             "conv 320->320 64x64 batch 2, {} threads: candle conv2d {:.1} ms ({:.0} GFLOP/s), \
              winograd {:.1} ms ({:.0} effective GFLOP/s)",
