@@ -136,16 +136,12 @@ impl Encoder {
 
         let mid_c = channels[n - 1];
         let vb_mid = vb.pp("mid_block");
+        let mid_resnet = |name: &str| {
+            let winograd = winograd_at_level(n - 1, n);
+            ResnetBlock::new(vb_mid.pp(name), mid_c, mid_c, temb_c, groups, eps, winograd)
+        };
         let mid_block = MidBlock {
-            resnet_in: ResnetBlock::new(
-                vb_mid.pp("resnets.0"),
-                mid_c,
-                mid_c,
-                temb_c,
-                groups,
-                eps,
-                winograd_at_level(n - 1, n),
-            )?,
+            resnet_in: mid_resnet("resnets.0")?,
             attention: transformer(
                 vb_mid.pp("attentions.0"),
                 cfg,
@@ -154,15 +150,7 @@ impl Encoder {
                 cfg.transformer_layers_per_block[n - 1],
                 mid_first_layer,
             )?,
-            resnet_out: ResnetBlock::new(
-                vb_mid.pp("resnets.1"),
-                mid_c,
-                mid_c,
-                temb_c,
-                groups,
-                eps,
-                winograd_at_level(n - 1, n),
-            )?,
+            resnet_out: mid_resnet("resnets.1")?,
         };
         Ok(Self {
             conv_in,
