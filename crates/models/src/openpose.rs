@@ -14,7 +14,7 @@
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
-use candle_nn::{Conv2d, Conv2dConfig, Module, VarBuilder};
+use candle_nn::{Conv2dConfig, Module, VarBuilder};
 
 use crate::error::{ModelError, Result};
 
@@ -22,7 +22,7 @@ use crate::error::{ModelError, Result};
 pub const PAF_CHANNELS: usize = 38;
 /// Channels of the heatmap output (`Mconv7_stage6_L2`): 18 parts and the background.
 pub const HEATMAP_CHANNELS: usize = 19;
-use crate::unet::im2col::conv_im2col;
+use crate::unet::im2col::PlainConv;
 use crate::weights::WeightStore;
 
 /// Channel widths of the body network; [`BodyPoseConfig::default`] is the real model.
@@ -147,24 +147,10 @@ const SIGNATURE: [&str; 3] = [
 ];
 
 struct Layer {
-    conv: Conv2d,
-    /// The bias as read once for the CPU kernel (`None` off the f32 CPU path).
-    bias: Option<Vec<f32>>,
-    relu: bool,
-}
-
-impl Layer {
     /// The 3×3 and 7×7 layers take the im2col kernel on f32 CPU tensors (candle's tiled conv2d
     /// made the network 4x torch's time); 1×1 layers and everything else take candle's conv2d.
-    fn convolve(&self, x: &Tensor) -> Result<Tensor> {
-        let (k, bias) = (self.conv.weight().dim(3)?, self.bias.as_deref());
-        if k > 1 && bias.is_some() {
-            if let Some(y) = conv_im2col(x, self.conv.weight(), bias)? {
-                return Ok(y);
-            }
-        }
-        Ok(self.conv.forward(x)?)
-    }
+    conv: PlainConv,
+    relu: bool,
 }
 
 fn layer(
@@ -179,12 +165,8 @@ fn layer(
         padding: k / 2,
         ..Default::default()
     };
-    let conv = candle_nn::conv2d(cin, cout, k, cfg, vb.pp(name))?;
-    let bias = match conv.bias() {
-        Some(b) if b.device().is_cpu() && b.dtype() == DType::F32 => Some(b.to_vec1()?),
-        _ => None,
-    };
-    Ok(Layer { conv, bias, relu })
+    let conv = PlainConv::new(candle_nn::conv2d(cin, cout, k, cfg, vb.pp(name))?)?;
+    Ok(Layer { conv, relu })
 }
 
 enum Step {
@@ -197,7 +179,7 @@ fn run(steps: &[Step], x: &Tensor) -> Result<Tensor> {
     for step in steps {
         x = match step {
             Step::Conv(l) => {
-                let y = l.convolve(&x)?;
+                let y = l.conv.forward(&x)?;
                 if l.relu {
                     y.relu()?
                 } else {

@@ -18,7 +18,7 @@ use candle_nn::{conv2d, Conv2d, Conv2dConfig, VarBuilder};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
-use super::im2col::conv_im2col;
+use super::im2col::PlainConv;
 
 /// Tiles per block. Measured on 320 channels, 64×64, batch 2, 2 threads (AMD EPYC, AVX2,
 /// 512 KiB L2), with `U_i` read in place: 32 tiles 67–84 ms, 64 tiles 64–68 ms, 128 tiles
@@ -394,10 +394,7 @@ impl CustomOp1 for TransformedWeights {
 pub enum Conv3x3 {
     Winograd(TransformedWeights),
     /// Plain weights, stride 1: one im2col product on the CPU in f32, candle's conv2d otherwise.
-    Im2Col {
-        conv: Conv2d,
-        bias: Option<Vec<f32>>,
-    },
+    Im2Col(PlainConv),
     Candle(Conv2d),
 }
 
@@ -408,12 +405,9 @@ impl Conv3x3 {
             padding: 1,
             ..Default::default()
         };
-        let conv = conv2d(in_c, out_c, 3, cfg, vb)?;
-        let bias = match conv.bias() {
-            Some(b) if b.device().is_cpu() && b.dtype() == DType::F32 => Some(b.to_vec1()?),
-            _ => None,
-        };
-        Ok(Self::Im2Col { conv, bias })
+        Ok(Self::Im2Col(PlainConv::new(conv2d(
+            in_c, out_c, 3, cfg, vb,
+        )?)?))
     }
 
     pub fn new(in_c: usize, out_c: usize, stride: usize, vb: VarBuilder) -> Result<Self> {
@@ -439,18 +433,7 @@ impl Module for Conv3x3 {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         match self {
             Self::Candle(conv) => conv.forward(xs),
-            Self::Im2Col { conv, bias } => {
-                let usable = bias.is_some() == conv.bias().is_some();
-                let fast = if usable {
-                    conv_im2col(&xs.contiguous()?, conv.weight(), bias.as_deref())?
-                } else {
-                    None
-                };
-                match fast {
-                    Some(ys) => Ok(ys),
-                    None => conv.forward(xs),
-                }
-            }
+            Self::Im2Col(conv) => conv.forward(xs),
             Self::Winograd(winograd) => match winograd.forward(&xs.contiguous()?)? {
                 Some(ys) => Ok(ys),
                 // As candle's conv2d with f32 CPU weights would.
