@@ -10,7 +10,7 @@ mod common;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 use common::{fixtures, get, max_abs, max_abs_diff, reference, scratch};
 use ipcompose::models::controlnet::{
     check_compatible, ControlNetConfig, ControlNetModel, ControlNetResiduals,
@@ -40,7 +40,7 @@ fn base_unet_config() -> UNetConfig {
 
 fn base_unet() -> UNet2DConditionModel {
     base_folder()
-        .load_unet(&base_unet_config(), DType::F32, &Device::Cpu)
+        .load_unet(&base_unet_config(), DType::F32, &common::device())
         .unwrap_or_else(|e| panic!("fixture tiny-sd15 UNet: {e}"))
 }
 
@@ -48,14 +48,14 @@ fn folder_controlnet(name: &str) -> ControlNetModel {
     let dir = controlnet_dir(name);
     let config = ControlNetConfig::from_folder(&dir)
         .unwrap_or_else(|e| panic!("fixture controlnet/{name}: {e}"));
-    ControlNetModel::load_folder(&dir, &config, None, DType::F32, &Device::Cpu)
+    ControlNetModel::load_folder(&dir, &config, None, DType::F32, &common::device())
         .unwrap_or_else(|e| panic!("fixture controlnet/{name}: {e}"))
 }
 
 fn single_file_controlnet(path: &Path) -> ControlNetModel {
     let config = ControlNetConfig::from_single_file(path, &base_unet_config(), false)
         .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    ControlNetModel::load_single_file(path, &config, DType::F32, &Device::Cpu)
+    ControlNetModel::load_single_file(path, &config, DType::F32, &common::device())
         .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
@@ -211,7 +211,7 @@ fn single_file_controlnet_equals_its_folder_twin() {
 #[test]
 fn single_file_controlnet_without_prefix_loads_the_same() {
     let source = controlnet_dir("tiny-canny-single.safetensors");
-    let tensors = candle_core::safetensors::load(&source, &Device::Cpu)
+    let tensors = candle_core::safetensors::load(&source, &common::device())
         .unwrap_or_else(|e| panic!("fixture {}: {e}", source.display()));
     let bare: HashMap<String, Tensor> = tensors
         .into_iter()
@@ -326,7 +326,7 @@ fn adapter(name: &str) -> T2IAdapter {
         T2IAdapterConfig::from_folder(&dir).unwrap_or_else(|e| panic!("fixture t2i/{name}: {e}"));
     t2i_adapter::check_compatible(&config, &base_unet_config())
         .unwrap_or_else(|e| panic!("fixture t2i/{name}: {e}"));
-    T2IAdapter::load_folder(&dir, &config, None, DType::F32, &Device::Cpu)
+    T2IAdapter::load_folder(&dir, &config, None, DType::F32, &common::device())
         .unwrap_or_else(|e| panic!("fixture t2i/{name}: {e}"))
 }
 
@@ -396,7 +396,8 @@ fn bgr_controlnet_flips_the_control_image() {
     )
     .unwrap();
     let config = ControlNetConfig::from_folder(&dir).unwrap();
-    let bgr = ControlNetModel::load_folder(&dir, &config, None, DType::F32, &Device::Cpu).unwrap();
+    let bgr =
+        ControlNetModel::load_folder(&dir, &config, None, DType::F32, &common::device()).unwrap();
     let flipped = get(&r, "cond").flip(&[1]).unwrap();
     let out = bgr
         .forward(

@@ -4,7 +4,7 @@
 
 mod common;
 
-use candle_core::{DType, Device};
+use candle_core::DType;
 use common::{fixtures, get, max_abs, max_abs_diff, reference};
 use ipcompose::models::clip_vision::load_image_encoder;
 use ipcompose::models::ip_adapter::{inspect, IpAdapter, ProjectionKind};
@@ -13,7 +13,7 @@ use ipcompose::pipeline::BaseModel;
 
 fn adapter(name: &str) -> IpAdapter {
     let path = fixtures().join("ip-adapter").join(name);
-    IpAdapter::load(&path, DType::F32, &Device::Cpu).unwrap_or_else(|e| panic!("{name}: {e}"))
+    IpAdapter::load(&path, DType::F32, &common::device()).unwrap_or_else(|e| panic!("{name}: {e}"))
 }
 
 #[test]
@@ -23,7 +23,7 @@ fn image_encoder_matches_transformers() {
         let encoder = load_image_encoder(
             &fixtures().join("ip-adapter").join(folder),
             DType::F32,
-            &Device::Cpu,
+            &common::device(),
         )
         .unwrap();
         let out = encoder.forward(get(&r, "pixel_values")).unwrap();
@@ -140,7 +140,8 @@ fn bin_and_training_export_equal_safetensors() {
 #[test]
 fn unet_forward_with_decoupled_attention_matches_diffusers() {
     let model =
-        BaseModel::from_folder(&fixtures().join("tiny-sd15"), &Device::Cpu, DType::F32).unwrap();
+        BaseModel::from_folder(&fixtures().join("tiny-sd15"), &common::device(), DType::F32)
+            .unwrap();
     let r = reference("ip_unet_step.safetensors");
     let scale = get(&r, "scale")
         .to_dtype(DType::F64)

@@ -7,7 +7,7 @@
 
 mod common;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 use common::{fixtures, get, max_abs, max_abs_diff, reference};
 use ipcompose::models::unet::Injections;
 use ipcompose::pipeline::generate::{denoise, Conditions, TextConditioning};
@@ -16,7 +16,12 @@ use ipcompose::pipeline::BaseModel;
 use ipcompose::schedulers::{build_scheduler, ReplayNoise, SchedulerConfig, SchedulerKind};
 
 fn tiny(folder: &str) -> BaseModel {
-    BaseModel::from_folder(&fixtures().join(folder), &Device::Cpu, DType::F32)
+    tiny_in(folder, DType::F32)
+}
+
+/// The model on the test device in `dtype` (the end-to-end cases run in the test dtype).
+fn tiny_in(folder: &str, dtype: DType) -> BaseModel {
+    BaseModel::from_folder(&fixtures().join(folder), &common::device(), dtype)
         .unwrap_or_else(|e| panic!("loading {folder}: {e}"))
 }
 
@@ -132,9 +137,11 @@ fn fp16_variant_weights_load_and_stay_close() {
     );
     let vb = ipcompose::models::weights::WeightStore::open(&files)
         .unwrap()
-        .var_builder(DType::F32, &Device::Cpu);
+        .var_builder(DType::F32, &common::device());
     let unet16 = ipcompose::models::unet::UNet2DConditionModel::new(vb, &config).unwrap();
-    let unet32 = folder.load_unet(&config, DType::F32, &Device::Cpu).unwrap();
+    let unet32 = folder
+        .load_unet(&config, DType::F32, &common::device())
+        .unwrap();
     let r = reference("unet_step.safetensors");
     let (sample, context) = (get(&r, "sample"), get(&r, "context"));
     let a = unet32
@@ -173,7 +180,7 @@ struct CaseScheduler {
 }
 
 fn run_case(case: &Case) -> (f32, f32, f32) {
-    let model = tiny(&case.folder);
+    let model = tiny_in(&case.folder, common::dtype());
     let r = reference(&format!("pipe_{}.safetensors", case.name));
     let mut config = SchedulerConfig::from_file(
         &fixtures()
@@ -210,7 +217,7 @@ fn run_case(case: &Case) -> (f32, f32, f32) {
     let latents = denoise(
         &model.unet,
         scheduler.as_mut(),
-        get(&r, "init_latents"),
+        &get(&r, "init_latents").to_dtype(common::dtype()).unwrap(),
         &text,
         &Conditions::default(),
         &mut ReplayNoise::new(noise),
@@ -243,6 +250,20 @@ fn check_case(name: &str) {
         .unwrap_or_else(|| panic!("no case {name} in cases.json"));
     let (latent_diff, relative, image_diff) = run_case(case);
     eprintln!("{name}: final latents max abs diff {latent_diff:.2e} ({relative:.1e} relative), image {image_diff:.2e}");
+    if common::dtype() != DType::F32 {
+        // Half precision: one relative bound on the latents (tests/common), the image
+        // through the same bound on its [0, 1] scale.
+        let half = common::HALF_RELATIVE_TOLERANCE;
+        assert!(
+            relative < half,
+            "{name}: final latents differ by {relative} relative"
+        );
+        assert!(
+            image_diff < half,
+            "{name}: decoded image differs by {image_diff}"
+        );
+        return;
+    }
     assert!(
         latent_diff < LATENT_TOLERANCE,
         "{name}: final latents differ by {latent_diff}"

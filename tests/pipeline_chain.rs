@@ -7,7 +7,6 @@ use std::path::Path;
 
 use common::{fx, scratch};
 use ipcompose::pipeline::batch::Batch;
-use ipcompose::pipeline::RunOptions;
 
 fn header() -> String {
     format!(
@@ -27,10 +26,7 @@ fn run(dir: &Path, text: &str) -> Vec<std::path::PathBuf> {
     let path = dir.join("recipe.yaml");
     std::fs::write(&path, text).unwrap();
     let batch = Batch::plan(text, &path, &[]).unwrap_or_else(|e| panic!("{e}"));
-    let options = RunOptions {
-        overwrite: true,
-        ..Default::default()
-    };
+    let options = common::run_options();
     batch
         .run(&options, &mut |_, _| {})
         .unwrap_or_else(|e| panic!("{e}"))

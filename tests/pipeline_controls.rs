@@ -4,7 +4,6 @@
 
 mod common;
 
-use candle_core::Device;
 use common::{fixtures, fx, get, max_abs_diff, reference, run_generate_case};
 use ipcompose::pipeline::control::{prepare_hint, ResizeMode};
 
@@ -150,7 +149,7 @@ fn hint_is_stretched_like_diffusers() {
         128,
         128,
         ResizeMode::Resize,
-        &Device::Cpu,
+        &common::device(),
     )
     .unwrap();
     let diff = max_abs_diff(&hint, get(&r, "hint"));
@@ -165,8 +164,8 @@ fn hint_is_stretched_like_diffusers() {
 #[test]
 fn crop_and_fill_keep_the_aspect_ratio() {
     let path = fixtures().join("controlnet/inputs/edges_wide.png");
-    let crop = prepare_hint(&path, 128, 128, ResizeMode::Crop, &Device::Cpu).unwrap();
-    let fill = prepare_hint(&path, 128, 128, ResizeMode::Fill, &Device::Cpu).unwrap();
+    let crop = prepare_hint(&path, 128, 128, ResizeMode::Crop, &common::device()).unwrap();
+    let fill = prepare_hint(&path, 128, 128, ResizeMode::Fill, &common::device()).unwrap();
     assert_eq!(crop.dims(), &[1, 3, 128, 128]);
     // 160x96 fitted into 128x128 is 128x77: black bars of 25 and 26 rows.
     let top: f32 = fill

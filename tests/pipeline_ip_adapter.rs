@@ -158,7 +158,7 @@ fn non_square_reference_is_cropped_like_diffusers() {
     // which clip_image::resize reproduces; a level (1/255) is 0.015 in normalised units.
     let enc = reference("ip_encoder.safetensors");
     let image = load_rgb(&fixtures().join("ip-adapter/inputs/ref_wide.png")).unwrap();
-    let pixels = normalize(&fit_image(&image, 224, Fit::Crop), &Device::Cpu).unwrap();
+    let pixels = normalize(&fit_image(&image, 224, Fit::Crop), &common::device()).unwrap();
     let diff = max_abs_diff(&pixels, get(&enc, "pixel_values_wide"));
     eprintln!("wide crop: encoder input max abs diff {diff:.3}");
     assert!(diff < 1e-4, "crop preprocessing differs by {diff}");

@@ -9,7 +9,7 @@ use candle_core::Device;
 use common::{fixtures, fx, max_abs_diff, scratch};
 use ipcompose::pipeline::plan::Plan;
 use ipcompose::pipeline::preprocess::cache_dir;
-use ipcompose::pipeline::{run_plan, Recipe, RunOptions};
+use ipcompose::pipeline::{run_plan, Recipe};
 use ipcompose::preprocess::{load_image, Operation, Settings};
 
 const PHOTO: &str = "preprocess/inputs/chelsea.png";
@@ -52,10 +52,7 @@ fn plan_recipe(dir: &Path, text: &str) -> ipcompose::pipeline::Result<Plan> {
 }
 
 fn run(plan: &Plan) -> Vec<PathBuf> {
-    let options = RunOptions {
-        overwrite: true,
-        ..Default::default()
-    };
+    let options = common::run_options();
     run_plan(plan, &options, &mut |_, _| {}).unwrap_or_else(|e| panic!("{e}"))
 }
 

@@ -684,6 +684,7 @@ fn measure(
     }
     let mut times = Vec::with_capacity(repeats as usize);
     let mut last = None;
+    let transfers_before = crate::transfer_count::totals();
     for _ in 0..repeats {
         let started = Instant::now();
         last = once().with_context(|| name.to_string())?;
@@ -692,6 +693,20 @@ fn measure(
             out.device().synchronize()?;
         }
         times.push(started.elapsed().as_secs_f64());
+    }
+    let transfers_after = crate::transfer_count::totals();
+    let mut extra = serde_json::Map::new();
+    if crate::transfer_count::COUNTING && repeats > 0 {
+        // Host↔device copies per timed call (0 when everything of a step stays on the GPU).
+        let per_call = |after: u64, before: u64| (after - before) / u64::from(repeats);
+        extra.insert(
+            "host_to_device_bytes_per_call".into(),
+            per_call(transfers_after.0, transfers_before.0).into(),
+        );
+        extra.insert(
+            "device_to_host_bytes_per_call".into(),
+            per_call(transfers_after.1, transfers_before.1).into(),
+        );
     }
     let peak_rss_bytes = peak_rss_bytes();
     // Random weights can in principle overflow; say so rather than time NaN arithmetic
@@ -707,7 +722,7 @@ fn measure(
         times,
         peak_rss_bytes,
         saving_ratio: None,
-        extra: serde_json::Map::new(),
+        extra,
     })
 }
 

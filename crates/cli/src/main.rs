@@ -4,6 +4,7 @@ mod bench;
 mod inspect;
 mod preprocess_cmd;
 mod progress;
+mod transfer_count;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -40,6 +41,10 @@ enum Command {
         /// No progress output.
         #[arg(long, short)]
         quiet: bool,
+        /// One line per step with its time and the bytes copied between host and GPU
+        /// during it (counted in `cuda` builds).
+        #[arg(long, short, conflicts_with = "quiet")]
+        verbose: bool,
         /// Override a recipe value, e.g. `--set nodes.gen.generate.seed=7` (repeatable).
         #[arg(long = "set", value_name = "KEY=VALUE")]
         sets: Vec<String>,
@@ -326,9 +331,10 @@ fn run(
     sets: &[String],
     options: &RunOptions,
     quiet: bool,
+    verbose: bool,
 ) -> anyhow::Result<()> {
     let batch = load_batch(recipe, from_png, sets)?;
-    let mut display = progress::StepDisplay::new(quiet);
+    let mut display = progress::StepDisplay::new(quiet, verbose);
     let written = batch.run(options, &mut |node, p| display.update(node, p));
     display.finish();
     let written = written?;
@@ -367,6 +373,7 @@ fn main() -> ExitCode {
             from,
             overwrite,
             quiet,
+            verbose,
             sets,
             device,
             dtype,
@@ -378,8 +385,8 @@ fn main() -> ExitCode {
                 ..RunOptions::default()
             };
             match (recipe, from) {
-                (Some(recipe), None) => run(&recipe, false, &sets, &options, quiet),
-                (None, Some(png)) => run(&png, true, &sets, &options, quiet),
+                (Some(recipe), None) => run(&recipe, false, &sets, &options, quiet, verbose),
+                (None, Some(png)) => run(&png, true, &sets, &options, quiet, verbose),
                 _ => Err(anyhow::anyhow!("give a recipe file or --from IMAGE.png")),
             }
         }),

@@ -1,5 +1,6 @@
 //! Denoising progress: a bar per generation (step, it/s, ETA) on a terminal, one plain line
-//! per step otherwise (logs, CI), nothing with `--quiet`.
+//! per step otherwise (logs, CI) or with `--verbose` (which adds the bytes copied between
+//! host and GPU during the step), nothing with `--quiet`.
 
 use std::io::{IsTerminal, Write};
 use std::time::Instant;
@@ -9,20 +10,25 @@ use ipcompose::pipeline::Progress;
 
 pub struct StepDisplay {
     quiet: bool,
+    verbose: bool,
     terminal: bool,
     bar: Option<(String, ProgressBar)>,
     started: Instant,
     step_started: Instant,
+    /// Host↔device byte totals at the end of the previous step.
+    transfers: (u64, u64),
 }
 
 impl StepDisplay {
-    pub fn new(quiet: bool) -> Self {
+    pub fn new(quiet: bool, verbose: bool) -> Self {
         Self {
             quiet,
-            terminal: std::io::stderr().is_terminal(),
+            verbose,
+            terminal: std::io::stderr().is_terminal() && !verbose,
             bar: None,
             started: Instant::now(),
             step_started: Instant::now(),
+            transfers: crate::transfer_count::totals(),
         }
     }
 
@@ -37,9 +43,25 @@ impl StepDisplay {
             let now = Instant::now();
             let step_s = now.duration_since(self.step_started).as_secs_f64();
             self.step_started = now;
+            let transfers = if self.verbose {
+                let (to_device, to_host) = crate::transfer_count::totals();
+                let line = if crate::transfer_count::COUNTING {
+                    format!(
+                        ", host->device {} B, device->host {} B",
+                        to_device - self.transfers.0,
+                        to_host - self.transfers.1
+                    )
+                } else {
+                    String::new()
+                };
+                self.transfers = (to_device, to_host);
+                line
+            } else {
+                String::new()
+            };
             let _ = writeln!(
                 std::io::stderr(),
-                "{node}: step {}/{} ({step_s:.2} s/step, {:.1} s total)",
+                "{node}: step {}/{} ({step_s:.2} s/step, {:.1} s total{transfers})",
                 progress.step,
                 progress.total,
                 now.duration_since(self.started).as_secs_f64()

@@ -30,7 +30,8 @@ pub(crate) fn scale(tensor: &Tensor, factor: f32) -> Result<Tensor> {
 /// reciprocal would differ in the last bit).
 pub(crate) fn divide(tensor: &Tensor, divisor: f32) -> Result<Tensor> {
     in_float32(tensor, |tensor| {
-        let divisor = Tensor::new(divisor, tensor.device())?.to_dtype(tensor.dtype())?;
+        // `full` fills on the device (no host-to-device copy per step).
+        let divisor = Tensor::full(divisor, (), tensor.device())?.to_dtype(tensor.dtype())?;
         tensor.broadcast_div(&divisor)
     })
 }

@@ -9,7 +9,7 @@ use super::winograd::Conv3x3;
 use super::attention::{IpKeyValue, SpatialTransformer, SpatialTransformerConfig};
 use super::config::{DownBlockKind, UNetConfig};
 use super::layers::{
-    timestep_features, winograd_at_level, Downsample, ResnetBlock, TimestepEmbedding,
+    winograd_at_level, Downsample, ResnetBlock, TimestepEmbedding, TimestepFeatures,
 };
 
 pub(crate) fn transformer(
@@ -69,9 +69,7 @@ pub(crate) struct Encoder {
     time_embedding: TimestepEmbedding,
     down_blocks: Vec<DownBlock>,
     pub(crate) mid_block: MidBlock,
-    time_channels: usize,
-    flip_sin_to_cos: bool,
-    freq_shift: f64,
+    timestep_features: TimestepFeatures,
 }
 
 impl Encoder {
@@ -157,9 +155,12 @@ impl Encoder {
             time_embedding,
             down_blocks,
             mid_block,
-            time_channels: channels[0],
-            flip_sin_to_cos: cfg.flip_sin_to_cos,
-            freq_shift: cfg.freq_shift,
+            timestep_features: TimestepFeatures::new(
+                channels[0],
+                cfg.flip_sin_to_cos,
+                cfg.freq_shift,
+                vb.device(),
+            )?,
         })
     }
 
@@ -167,13 +168,10 @@ impl Encoder {
     pub(crate) fn time_embedding(&self, timestep: f64, like: &Tensor) -> Result<Tensor> {
         let batch = like.dim(0)?;
         let timesteps = Tensor::full(timestep as f32, batch, like.device())?;
-        let features = timestep_features(
-            &timesteps,
-            self.time_channels,
-            self.flip_sin_to_cos,
-            self.freq_shift,
-        )?
-        .to_dtype(like.dtype())?;
+        let features = self
+            .timestep_features
+            .forward(&timesteps)?
+            .to_dtype(like.dtype())?;
         self.time_embedding.forward(&features)
     }
 

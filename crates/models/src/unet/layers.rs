@@ -6,26 +6,42 @@ use candle_nn::{conv2d, group_norm, linear, Conv2d, Conv2dConfig, GroupNorm, Lin
 use super::winograd::Conv3x3;
 
 /// Sinusoidal timestep features as diffusers' `get_timestep_embedding` computes them (in f32).
-pub fn timestep_features(
-    timesteps: &Tensor,
-    dim: usize,
+/// The frequencies are made once, on the model's device, so a step sends nothing to it.
+#[derive(Debug, Clone)]
+pub struct TimestepFeatures {
+    /// `[1, dim / 2]`, f32.
+    freqs: Tensor,
     flip_sin_to_cos: bool,
-    freq_shift: f64,
-) -> Result<Tensor> {
-    let half = dim / 2;
-    let device = timesteps.device();
-    let exponent = (Tensor::arange(0u32, half as u32, device)?.to_dtype(DType::F32)?
-        * (-(10000f64.ln()) / (half as f64 - freq_shift)))?;
-    let freqs = exponent.exp()?;
-    let args = timesteps
-        .to_dtype(DType::F32)?
-        .unsqueeze(1)?
-        .broadcast_mul(&freqs.unsqueeze(0)?)?;
-    let (sin, cos) = (args.sin()?, args.cos()?);
-    if flip_sin_to_cos {
-        Tensor::cat(&[cos, sin], D::Minus1)
-    } else {
-        Tensor::cat(&[sin, cos], D::Minus1)
+}
+
+impl TimestepFeatures {
+    pub fn new(
+        dim: usize,
+        flip_sin_to_cos: bool,
+        freq_shift: f64,
+        device: &candle_core::Device,
+    ) -> Result<Self> {
+        let half = dim / 2;
+        let exponent = (Tensor::arange(0u32, half as u32, device)?.to_dtype(DType::F32)?
+            * (-(10000f64.ln()) / (half as f64 - freq_shift)))?;
+        Ok(Self {
+            freqs: exponent.exp()?.unsqueeze(0)?,
+            flip_sin_to_cos,
+        })
+    }
+
+    /// `[B, dim]` features of `timesteps` `[B]`.
+    pub fn forward(&self, timesteps: &Tensor) -> Result<Tensor> {
+        let args = timesteps
+            .to_dtype(DType::F32)?
+            .unsqueeze(1)?
+            .broadcast_mul(&self.freqs)?;
+        let (sin, cos) = (args.sin()?, args.cos()?);
+        if self.flip_sin_to_cos {
+            Tensor::cat(&[cos, sin], D::Minus1)
+        } else {
+            Tensor::cat(&[sin, cos], D::Minus1)
+        }
     }
 }
 

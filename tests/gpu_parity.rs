@@ -1,0 +1,23 @@
+//! The parity tests, gathered into one binary for GPU machines (`--features cuda` only): a GPU
+//! machine has no Rust toolchain, so tools/gpu/build-cuda.sh builds this one binary, and
+//! tools/gpu/device-check.sh runs it there with `IPCOMPOSE_TEST_DEVICE=cuda` (f32: the CPU
+//! bounds) and `IPCOMPOSE_TEST_DTYPE=f16|bf16` (the end-to-end cases, half-precision bound).
+//! On the CPU the same tests run from their own files.
+
+#[path = "parity_sd15.rs"]
+mod parity_sd15;
+
+#[path = "parity_ip_adapter.rs"]
+mod parity_ip_adapter;
+
+#[path = "parity_controlnet.rs"]
+mod parity_controlnet;
+
+#[path = "pipeline_controls.rs"]
+mod pipeline_controls;
+
+#[path = "pipeline_ip_adapter.rs"]
+mod pipeline_ip_adapter;
+
+#[path = "pipeline_chain.rs"]
+mod pipeline_chain;
