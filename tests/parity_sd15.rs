@@ -253,7 +253,7 @@ fn check_case(name: &str) {
     if common::dtype() != DType::F32 {
         // Half precision: one relative bound on the latents (tests/common), the image
         // through the same bound on its [0, 1] scale.
-        let half = common::HALF_RELATIVE_TOLERANCE;
+        let half = common::half_relative_tolerance();
         assert!(
             relative < half,
             "{name}: final latents differ by {relative} relative"

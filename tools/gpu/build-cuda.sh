@@ -23,7 +23,9 @@ features=${FEATURES:-cuda}
 cargo build --release --features "$features"
 mkdir -p .gpu
 # Carried compressed: what travels to the GPU machine is limited to 64 MiB with the fixtures.
-strip -o .gpu/ipcompose target/release/ipcompose
+# NAME: the carried binary's name (e.g. NAME=ipcompose-cudnn FEATURES=cudnn for a second one).
+name=${NAME:-ipcompose}
+strip -o ".gpu/$name" target/release/ipcompose
 if [ "${TESTS:-0}" = 1 ]; then
   # The parity tests in one binary (tests/gpu_parity.rs), run there with IPCOMPOSE_TEST_DEVICE=cuda.
   exe=$(cargo test --release --features "$features" --test gpu_parity --no-run --message-format=json \
@@ -38,7 +40,7 @@ for line in sys.stdin:
   # Where the tests look for tests/fixtures (CARGO_MANIFEST_DIR, fixed at compile time).
   pwd > .gpu/built-in.txt
 fi
-for f in .gpu/ipcompose .gpu/gpu_parity; do
+for f in ".gpu/$name" .gpu/gpu_parity; do
   [ -f "$f" ] && xz -T2 -9 -f "$f"
 done
 grep -qx '/.gpu/' .git/info/exclude 2>/dev/null || echo /.gpu/ >> .git/info/exclude

@@ -75,7 +75,7 @@ cat "$OUT/device.txt"
 log "parity f32"
 # (pytorch_bin: its fixture folder stays home; the device run's tree is trimmed to fit.)
 IPCOMPOSE_TEST_DEVICE=cuda timeout "$(limit 120)" /tmp/gpu-bin/gpu_parity --nocapture --test-threads 4 \
-  --skip pytorch_bin > "$OUT/parity-f32.log" 2>&1
+  --skip pytorch_bin --skip embed_command > "$OUT/parity-f32.log" 2>&1
 echo "exit $?" >> "$OUT/parity-f32.log"
 tail -3 "$OUT/parity-f32.log"
 
@@ -94,12 +94,24 @@ for pair in "f16 fp16" "bf16 bf16"; do
     || echo "diffusers bench $2: exit $?" >> "$OUT/bench.log"
   # Half precision parity right after the first bench pair (the bench is what must not be lost).
   if [ "$1" = f16 ]; then
+    # Variants of the same f16 figures: candle's ops instead of ipcompose's fused kernels, and
+    # a cuDNN build (--features cudnn) if one was carried.
+    log "bench ipcompose f16, fused kernels off"
+    IPCOMPOSE_CUDA_KERNELS=0 timeout "$(limit 60)" /tmp/gpu-bin/ipcompose bench --device cuda --dtype f16 \
+      --figures unet_step,unet_step_cn1,run_20 --repeats 5 --warmup 1 --json 2>> "$OUT/bench.log" \
+      | sed 's/"tool":"ipcompose"/"tool":"ipcompose-no-fused-kernels"/' >> "$OUT/ipcompose.jsonl"
+    if [ -x /tmp/gpu-bin/ipcompose-cudnn ]; then
+      log "bench ipcompose-cudnn f16"
+      timeout "$(limit 60)" /tmp/gpu-bin/ipcompose-cudnn bench --device cuda --dtype f16 \
+        --figures unet_step,unet_step_cn1,run_20 --repeats 5 --warmup 1 --json 2>> "$OUT/bench.log" \
+        | sed 's/"tool":"ipcompose"/"tool":"ipcompose-cudnn"/' >> "$OUT/ipcompose.jsonl"
+    fi
     : > "$OUT/parity-half.log"
     for dt in f16 bf16; do
       log "parity $dt"
       echo "=== dtype $dt" >> "$OUT/parity-half.log"
       IPCOMPOSE_TEST_DEVICE=cuda IPCOMPOSE_TEST_DTYPE=$dt timeout "$(limit 60)" /tmp/gpu-bin/gpu_parity \
-        --nocapture --test-threads 4 --skip pytorch_bin parity_sd15:: pipeline_ \
+        --nocapture --test-threads 4 --skip pytorch_bin --skip embed_command parity_sd15:: pipeline_ \
         >> "$OUT/parity-half.log" 2>&1
       echo "exit $? ($dt)" >> "$OUT/parity-half.log"
       tail -2 "$OUT/parity-half.log"

@@ -57,6 +57,7 @@ def main():
         torch_dtype = DTYPES.get(r.get("dtype"), r.get("dtype"))
         d = next((d for d in dif if d["name"] == r["name"] and d.get("dtype") == torch_dtype), None)
         report["bench"].append({
+            "tool": r.get("tool", "ipcompose"),
             "figure": r["name"],
             "dtype": r.get("dtype"),
             "ipcompose_s": r["median_s"],
@@ -79,15 +80,16 @@ def main():
         for line in p["diffs"][:60]:
             print(f"    {line}")
     print("\n## Speed (median s; ratio = ipcompose / diffusers, same card, same run)\n")
-    print("| figure | dtype | ipcompose s | diffusers s | ratio | H->D B/call | D->H B/call |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print("| build | figure | dtype | ipcompose s | diffusers s | ratio | H->D B/call | D->H B/call |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for b in report["bench"]:
         ds = f"{b['diffusers_s']:.4f}" if b["diffusers_s"] else "n/a"
         ratio = f"{b['ratio']:.2f}x" if b["ratio"] else "n/a"
-        print(f"| {b['figure']} | {b['dtype']} | {b['ipcompose_s']:.4f} | {ds} | {ratio} | "
+        print(f"| {b['tool']} | {b['figure']} | {b['dtype']} | {b['ipcompose_s']:.4f} | {ds} | {ratio} | "
               f"{b['host_to_device_bytes_per_call']} | {b['device_to_host_bytes_per_call']} |")
     missing = [d["name"] + "/" + str(d.get("dtype")) for d in dif
-               if not any(r["name"] == d["name"] and DTYPES.get(r.get("dtype")) == d.get("dtype") for r in ipc)]
+               if not any(r["name"] == d["name"] and DTYPES.get(r.get("dtype")) == d.get("dtype")
+                          and r.get("tool", "ipcompose") == "ipcompose" for r in ipc)]
     if missing:
         print(f"\ndiffusers-only figures (ipcompose failed or timed out): {', '.join(missing)}")
 

@@ -349,6 +349,7 @@ impl ControlNetModel {
         conditioning_scale: f64,
         guess_mode: bool,
     ) -> candle_core::Result<ControlNetResiduals> {
+        let _param_cache = crate::unet::cuda_ops::DeviceParamCache::enable(sample.device());
         let cond_image = match self.config.channel_order {
             ChannelOrder::Rgb => cond_image.clone(),
             ChannelOrder::Bgr => cond_image.flip(&[1])?,

@@ -98,10 +98,13 @@ impl VaeConfig {
 pub struct Vae {
     inner: AutoEncoderKL,
     config: VaeConfig,
+    /// The weights' dtype: latents (kept in f32 by the denoising loop) are cast to it.
+    dtype: candle_core::DType,
 }
 
 impl Vae {
     pub fn new(vb: VarBuilder, config: &VaeConfig) -> Result<Self> {
+        let dtype = vb.dtype();
         let inner = AutoEncoderKL::new(
             vb,
             config.in_channels,
@@ -118,6 +121,7 @@ impl Vae {
         Ok(Self {
             inner,
             config: config.clone(),
+            dtype,
         })
     }
 
@@ -127,7 +131,7 @@ impl Vae {
 
     /// Raw decoder output for already-unscaled latents (`vae.decode(z).sample`).
     pub fn decode_raw(&self, latents: &Tensor) -> Result<Tensor> {
-        self.inner.decode(latents)
+        self.inner.decode(&latents.to_dtype(self.dtype)?)
     }
 
     /// Pipeline latents to an image in [0, 1]: undo the scaling factor, decode, rescale.

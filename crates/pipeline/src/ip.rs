@@ -221,13 +221,15 @@ pub fn prepare(
     guided: bool,
     dtype: DType,
 ) -> Result<PreparedIpAdapter> {
+    // Tokens and the adapter's projections stay in f32 (the adapter is loaded in f32); the
+    // projected keys and values take the UNet's dtype below.
     let batch = |(pos, neg): &(Tensor, Tensor)| -> Result<Tensor> {
         let t = if guided {
             Tensor::cat(&[neg, pos], 0)?
         } else {
             pos.clone()
         };
-        Ok(t.to_dtype(dtype)?)
+        Ok(t.to_dtype(DType::F32)?)
     };
     let masked = !use_.masks.is_empty();
     if masked && use_.masks.len() != 1 && use_.masks.len() != tokens.len() {
@@ -264,7 +266,13 @@ pub fn prepare(
     let mut layer_masks: HashMap<(usize, usize), Tensor> = HashMap::new();
     let per_group_kv: Vec<Vec<(Tensor, Tensor)>> = groups
         .iter()
-        .map(|g| Ok(adapter.layer_key_values(g)?))
+        .map(|g| {
+            adapter
+                .layer_key_values(g)?
+                .into_iter()
+                .map(|(k, v)| Ok((k.to_dtype(dtype)?, v.to_dtype(dtype)?)))
+                .collect::<Result<Vec<_>>>()
+        })
         .collect::<Result<_>>()?;
     let mut layers = Vec::with_capacity(layout.len());
     for (l, layer) in layout.iter().enumerate() {

@@ -2,9 +2,10 @@
 
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{
-    conv2d, group_norm, layer_norm, linear, linear_no_bias, Conv2d, GroupNorm, LayerNorm, Linear,
-    VarBuilder,
+    conv2d, layer_norm, linear, linear_no_bias, Conv2d, LayerNorm, Linear, VarBuilder,
 };
+
+use super::layers::{group_norm, GroupNorm};
 
 /// Image-prompt keys and values for one cross-attention layer, from one IP-Adapter.
 ///
@@ -41,8 +42,10 @@ pub fn unfused_attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Re
             .contiguous()
     };
     let (q, k, v) = (split(q, n)?, split(k, m)?, split(v, m)?);
+    // The scale goes on the queries (N×d) rather than the scores (N×M): one pass less over
+    // the largest tensor of the layer.
     let scale = 1.0 / (head_dim as f64).sqrt();
-    let scores = (q.matmul(&k.t()?)? * scale)?;
+    let scores = (q * scale)?.matmul(&k.t()?)?;
     let probs = candle_nn::ops::softmax_last_dim(&scores)?;
     probs.matmul(&v)?.transpose(1, 2)?.reshape((b, n, c))
 }

@@ -32,6 +32,9 @@ pub fn geglu_gate(projected: &Tensor) -> Result<Tensor> {
     if projected.device().is_cpu() && projected.dtype() == DType::F32 && projected.is_contiguous() {
         return projected.apply_op1_no_bwd(&GegluGate);
     }
+    if super::cuda_ops::fused_kernels_for(projected) && projected.dtype().is_float() {
+        return super::cuda_ops::geglu(projected);
+    }
     let half = width / 2;
     let value = projected.narrow(D::Minus1, 0, half)?;
     let gate = projected.narrow(D::Minus1, half, half)?;

@@ -1,7 +1,7 @@
 //! The convolutional pieces of the UNet: timestep embedding, resnet blocks, down/up samplers.
 
 use candle_core::{DType, Module, Result, Tensor, D};
-use candle_nn::{conv2d, group_norm, linear, Conv2d, Conv2dConfig, GroupNorm, Linear, VarBuilder};
+use candle_nn::{conv2d, linear, Conv2d, Conv2dConfig, Linear, VarBuilder};
 
 use super::winograd::Conv3x3;
 
@@ -86,6 +86,63 @@ pub fn winograd_at_level(level: usize, levels: usize) -> bool {
     level + 1 < levels
 }
 
+/// diffusers' `GroupNorm` (affine), optionally followed by SiLU as every resnet and the
+/// output norm use it: one fused kernel on contiguous CUDA tensors (statistics and affine map
+/// in f32), candle_nn's GroupNorm (+ `silu`) everywhere else.
+#[derive(Debug, Clone)]
+pub struct GroupNorm {
+    inner: candle_nn::GroupNorm,
+    weight: Tensor,
+    bias: Tensor,
+    groups: usize,
+    eps: f64,
+}
+
+/// A [`GroupNorm`] over `channels` in `groups`, weights `weight` / `bias` under `vb`.
+pub fn group_norm(groups: usize, channels: usize, eps: f64, vb: VarBuilder) -> Result<GroupNorm> {
+    let inner = candle_nn::group_norm(groups, channels, eps, vb.clone())?;
+    Ok(GroupNorm {
+        inner,
+        weight: vb.get(channels, "weight")?,
+        bias: vb.get(channels, "bias")?,
+        groups,
+        eps,
+    })
+}
+
+impl GroupNorm {
+    pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        self.apply(xs, false)
+    }
+
+    /// `silu(group_norm(xs))`.
+    pub fn forward_silu(&self, xs: &Tensor) -> Result<Tensor> {
+        self.apply(xs, true)
+    }
+
+    fn apply(&self, xs: &Tensor, silu: bool) -> Result<Tensor> {
+        if super::cuda_ops::fused_kernels_for(xs)
+            && xs.dtype() == self.weight.dtype()
+            && xs.dtype().is_float()
+        {
+            return super::cuda_ops::group_norm(
+                xs,
+                &self.weight,
+                &self.bias,
+                self.groups,
+                self.eps,
+                silu,
+            );
+        }
+        let ys = self.inner.forward(xs)?;
+        if silu {
+            ys.silu()
+        } else {
+            Ok(ys)
+        }
+    }
+}
+
 /// `ResnetBlock2D` with the default time-embedding handling (added after the first conv).
 #[derive(Debug, Clone)]
 pub struct ResnetBlock {
@@ -130,14 +187,14 @@ impl ResnetBlock {
     }
 
     pub fn forward(&self, xs: &Tensor, temb: &Tensor) -> Result<Tensor> {
-        let h = self.conv1.forward(&self.norm1.forward(xs)?.silu()?)?;
+        let h = self.conv1.forward(&self.norm1.forward_silu(xs)?)?;
         let t = self
             .time_emb_proj
             .forward(&temb.silu()?)?
             .unsqueeze(2)?
             .unsqueeze(3)?;
         let h = h.broadcast_add(&t)?;
-        let h = self.conv2.forward(&self.norm2.forward(&h)?.silu()?)?;
+        let h = self.conv2.forward(&self.norm2.forward_silu(&h)?)?;
         let shortcut = match &self.conv_shortcut {
             Some(conv) => conv.forward(xs)?,
             None => xs.clone(),

@@ -7,6 +7,7 @@
 
 mod attention;
 mod config;
+pub mod cuda_ops;
 pub(crate) mod encoder;
 mod fused_attention;
 mod geglu;
@@ -19,11 +20,11 @@ pub use attention::{multi_head_attention, unfused_attention, IpKeyValue};
 pub use config::{CrossAttentionLayer, DownBlockKind, UNetConfig, UNetPart, UpBlockKind};
 
 use candle_core::{CpuStorage, Layout, Module, Result, Tensor};
-use candle_nn::{group_norm, GroupNorm, VarBuilder};
+use candle_nn::VarBuilder;
 
 use attention::SpatialTransformer;
 use encoder::{time_embedding_channels, transformer, Encoder};
-use layers::{winograd_at_level, ResnetBlock, Upsample};
+use layers::{group_norm, winograd_at_level, GroupNorm, ResnetBlock, Upsample};
 use winograd::Conv3x3;
 
 /// The contiguous `f32` slice of a CPU tensor's storage, or `None` for another dtype or a
@@ -186,6 +187,7 @@ impl UNet2DConditionModel {
         context: &Tensor,
         injections: &Injections,
     ) -> Result<Tensor> {
+        let _param_cache = cuda_ops::DeviceParamCache::enable(sample.device());
         let temb = self.encoder.time_embedding(timestep, sample)?;
         let ip = injections.ip_layers;
         let (mut xs, mut skips) = self.encoder.down(
@@ -236,7 +238,7 @@ impl UNet2DConditionModel {
             }
         }
 
-        let xs = self.conv_norm_out.forward(&xs)?.silu()?;
+        let xs = self.conv_norm_out.forward_silu(&xs)?;
         self.conv_out.forward(&xs)
     }
 }
