@@ -85,7 +85,7 @@ figures=unet_step,unet_step_ip,unet_step_cn1,unet_step_cn2,run_20,load
 for pair in "f16 fp16" "bf16 bf16"; do
   set -- $pair
   log "bench ipcompose $1"
-  timeout "$(limit 120)" /tmp/gpu-bin/ipcompose bench --device cuda --dtype "$1" --figures "$figures" \
+  timeout "$(limit 120)" /tmp/gpu-bin/ipcompose bench --device cuda --dtype "$1" --figures "$figures,precision" \
     --repeats 5 --warmup 1 --json >> "$OUT/ipcompose.jsonl" 2>> "$OUT/bench.log" \
     || echo "ipcompose bench $1: exit $?" >> "$OUT/bench.log"
   log "bench diffusers $2"
@@ -94,6 +94,12 @@ for pair in "f16 fp16" "bf16 bf16"; do
     || echo "diffusers bench $2: exit $?" >> "$OUT/bench.log"
   # Half precision parity right after the first bench pair (the bench is what must not be lost).
   if [ "$1" = f16 ]; then
+    log "bench ipcompose f16, cudarc event tracking on"
+    IPCOMPOSE_CUDA_EVENTS=1 timeout "$(limit 60)" /tmp/gpu-bin/ipcompose bench --device cuda --dtype f16 \
+      --figures unet_step,run_20 --repeats 5 --warmup 1 --json 2>> "$OUT/bench.log" \
+      | sed 's/"tool":"ipcompose"/"tool":"ipcompose-event-tracking"/' >> "$OUT/ipcompose.jsonl"
+  fi
+  if [ "$1" = f16 ] && [ "${VARIANTS:-1}" = 1 ]; then
     # Variants of the same f16 figures: candle's ops instead of ipcompose's fused kernels, and
     # a cuDNN build (--features cudnn) if one was carried.
     log "bench ipcompose f16, fused kernels off"
@@ -106,6 +112,8 @@ for pair in "f16 fp16" "bf16 bf16"; do
         --figures unet_step,unet_step_cn1,run_20 --repeats 5 --warmup 1 --json 2>> "$OUT/bench.log" \
         | sed 's/"tool":"ipcompose"/"tool":"ipcompose-cudnn"/' >> "$OUT/ipcompose.jsonl"
     fi
+  fi
+  if [ "$1" = f16 ]; then
     : > "$OUT/parity-half.log"
     for dt in f16 bf16; do
       log "parity $dt"

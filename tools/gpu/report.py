@@ -56,6 +56,9 @@ def main():
     for r in ipc:
         torch_dtype = DTYPES.get(r.get("dtype"), r.get("dtype"))
         d = next((d for d in dif if d["name"] == r["name"] and d.get("dtype") == torch_dtype), None)
+        if r["name"] == "precision":
+            report.setdefault("precision", []).append(r)
+            continue
         report["bench"].append({
             "tool": r.get("tool", "ipcompose"),
             "figure": r["name"],
@@ -87,6 +90,9 @@ def main():
         ratio = f"{b['ratio']:.2f}x" if b["ratio"] else "n/a"
         print(f"| {b['tool']} | {b['figure']} | {b['dtype']} | {b['ipcompose_s']:.4f} | {ds} | {ratio} | "
               f"{b['host_to_device_bytes_per_call']} | {b['device_to_host_bytes_per_call']} |")
+    for p in report.get("precision", []):
+        print(f"\nfull-size UNet forward, {p['dtype']} vs f32 on the same weights and inputs: "
+              f"max {p['relative_max_vs_f32']:.2e} relative, L2 {p['relative_l2_vs_f32']:.2e}")
     missing = [d["name"] + "/" + str(d.get("dtype")) for d in dif
                if not any(r["name"] == d["name"] and DTYPES.get(r.get("dtype")) == d.get("dtype")
                           and r.get("tool", "ipcompose") == "ipcompose" for r in ipc)]

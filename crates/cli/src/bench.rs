@@ -183,6 +183,10 @@ pub enum Figure {
     /// A whole `--steps`-step run through the denoising loop plus the VAE decode.
     #[value(name = "run_20", alias = "run")]
     Run,
+    /// Not a speed: one UNet forward in `--dtype` against the same weights and inputs in f32,
+    /// as `max |half - f32| / max |f32|` and `‖half - f32‖ / ‖f32‖` (for f16/bf16).
+    #[value(name = "precision")]
+    Precision,
     /// Canny (low 100, high 200) at detect resolution 512, as controlnet_aux's `CannyDetector`.
     #[value(name = "preprocess_canny")]
     PreprocessCanny,
@@ -537,6 +541,51 @@ impl Bench<'_> {
                 let m = self.measure("unet_step_cn2", || step(&controlnets, 0))?;
                 self.report(m, &mut done);
             }
+        }
+
+        if figures.contains(&Figure::Precision) && dtype != DType::F32 {
+            let started = Instant::now();
+            let half = unet
+                .forward(
+                    &inputs.model_input,
+                    TIMESTEP,
+                    &inputs.context,
+                    &Injections::default(),
+                )?
+                .to_dtype(DType::F32)?;
+            let seconds = started.elapsed().as_secs_f64();
+            let unet32 = self.files.load_unet(DType::F32, &device)?;
+            let full = unet32.forward(
+                &inputs.model_input.to_dtype(DType::F32)?,
+                TIMESTEP,
+                &inputs.context.to_dtype(DType::F32)?,
+                &Injections::default(),
+            )?;
+            drop(unet32);
+            let scalar = |t: Tensor| -> anyhow::Result<f64> {
+                Ok(t.to_dtype(DType::F64)?.to_scalar::<f64>()?)
+            };
+            let diff = (&half - &full)?;
+            let relative_max =
+                scalar(diff.abs()?.max_all()?)? / scalar(full.abs()?.max_all()?)?;
+            let relative_l2 =
+                (scalar(diff.sqr()?.sum_all()?)? / scalar(full.sqr()?.sum_all()?)?).sqrt();
+            let mut m = Measurement {
+                name: "precision".to_string(),
+                times: vec![seconds],
+                peak_rss_bytes: peak_rss_bytes(),
+                saving_ratio: None,
+                extra: serde_json::Map::new(),
+            };
+            m.extra.insert("relative_max_vs_f32".into(), relative_max.into());
+            m.extra.insert("relative_l2_vs_f32".into(), relative_l2.into());
+            if !self.json {
+                eprintln!(
+                    "precision: {} vs f32, max {relative_max:.2e} relative, L2 {relative_l2:.2e}",
+                    dtype.as_str()
+                );
+            }
+            self.report(m, &mut done);
         }
 
         if figures.contains(&Figure::Run) {
