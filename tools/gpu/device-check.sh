@@ -93,12 +93,6 @@ for pair in "f16 fp16" "bf16 bf16"; do
     --figures "$figures" --repeats 5 --warmup 1 --json >> "$OUT/diffusers.jsonl" 2>> "$OUT/bench.log" \
     || echo "diffusers bench $2: exit $?" >> "$OUT/bench.log"
   # Half precision parity right after the first bench pair (the bench is what must not be lost).
-  if [ "$1" = f16 ]; then
-    log "bench ipcompose f16, cudarc event tracking on"
-    IPCOMPOSE_CUDA_EVENTS=1 timeout "$(limit 60)" /tmp/gpu-bin/ipcompose bench --device cuda --dtype f16 \
-      --figures unet_step,run_20 --repeats 5 --warmup 1 --json 2>> "$OUT/bench.log" \
-      | sed 's/"tool":"ipcompose"/"tool":"ipcompose-event-tracking"/' >> "$OUT/ipcompose.jsonl"
-  fi
   if [ "$1" = f16 ] && [ "${VARIANTS:-1}" = 1 ]; then
     # Variants of the same f16 figures: candle's ops instead of ipcompose's fused kernels, and
     # a cuDNN build (--features cudnn) if one was carried.

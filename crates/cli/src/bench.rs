@@ -566,8 +566,7 @@ impl Bench<'_> {
                 Ok(t.to_dtype(DType::F64)?.to_scalar::<f64>()?)
             };
             let diff = (&half - &full)?;
-            let relative_max =
-                scalar(diff.abs()?.max_all()?)? / scalar(full.abs()?.max_all()?)?;
+            let relative_max = scalar(diff.abs()?.max_all()?)? / scalar(full.abs()?.max_all()?)?;
             let relative_l2 =
                 (scalar(diff.sqr()?.sum_all()?)? / scalar(full.sqr()?.sum_all()?)?).sqrt();
             let mut m = Measurement {
@@ -577,8 +576,10 @@ impl Bench<'_> {
                 saving_ratio: None,
                 extra: serde_json::Map::new(),
             };
-            m.extra.insert("relative_max_vs_f32".into(), relative_max.into());
-            m.extra.insert("relative_l2_vs_f32".into(), relative_l2.into());
+            m.extra
+                .insert("relative_max_vs_f32".into(), relative_max.into());
+            m.extra
+                .insert("relative_l2_vs_f32".into(), relative_l2.into());
             if !self.json {
                 eprintln!(
                     "precision: {} vs f32, max {relative_max:.2e} relative, L2 {relative_l2:.2e}",

@@ -305,10 +305,10 @@ pub fn device_and_dtype(
     use candle_core::{DType, Device};
     let device = match device {
         "cpu" => Device::Cpu,
-        "cuda" => ipcompose::models::unet::cuda_ops::cuda_device(0)
+        "cuda" => Device::new_cuda(0)
             .context("--device cuda (this binary needs `cargo build --release --features cuda`)")?,
         other => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
-            Some(Ok(ordinal)) => ipcompose::models::unet::cuda_ops::cuda_device(ordinal).with_context(|| {
+            Some(Ok(ordinal)) => Device::new_cuda(ordinal).with_context(|| {
                 format!(
                     "--device {other} (this binary needs `cargo build --release --features cuda`)"
                 )

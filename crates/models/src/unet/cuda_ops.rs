@@ -2,30 +2,10 @@
 //! keeps candle's kernel parameters on the device. Used only on CUDA tensors; the CPU and
 //! every other case keep their own paths.
 //!
-//! `IPCOMPOSE_CUDA_KERNELS=0` turns the fused kernels off (candle's ops instead), and
-//! `IPCOMPOSE_CUDA_EVENTS=1` keeps cudarc's event tracking, for comparisons such as
-//! `tools/gpu/device-check.sh`'s.
+//! `IPCOMPOSE_CUDA_KERNELS=0` turns the fused kernels off (candle's ops instead), for
+//! comparisons such as `tools/gpu/device-check.sh`'s.
 
 use candle_core::{Device, Result, Tensor};
-
-/// CUDA device `ordinal` as ipcompose uses it: candle's device with cudarc's per-allocation
-/// event tracking turned off. cudarc creates two CUDA events for every allocation (and
-/// destroys them on free) so that tensors can be shared between streams; ipcompose runs on
-/// one stream per device, so they only cost host time (a UNet step allocates ~1,500 times).
-/// `IPCOMPOSE_CUDA_EVENTS=1` keeps them (for comparisons).
-pub fn cuda_device(ordinal: usize) -> Result<Device> {
-    let device = Device::new_cuda(ordinal)?;
-    #[cfg(feature = "cuda")]
-    if let (Device::Cuda(cuda), false) = (
-        &device,
-        std::env::var("IPCOMPOSE_CUDA_EVENTS").is_ok_and(|v| v == "1"),
-    ) {
-        // SAFETY: everything runs on candle's one stream of this device: no tensor is used on
-        // another stream, which is what the events would synchronise.
-        unsafe { cuda.disable_event_tracking() };
-    }
-    Ok(device)
-}
 
 /// While alive, candle's CUDA backend keeps the small parameter vectors its strided kernels
 /// need (dims and strides) in a device-side cache keyed by content, instead of copying them
