@@ -639,3 +639,26 @@ fn progress_is_plain_lines_off_a_terminal() {
     assert!(stderr.contains("s/step"), "{stderr}");
     assert!(stdout.contains("wrote"), "{stdout}");
 }
+
+#[test]
+fn verbose_lines_count_host_device_copies_only_in_cuda_builds() {
+    let (_, recipe) = workspace("cli-verbose");
+    let (ok, _, stderr) = ipcompose(&["run", recipe.to_str().unwrap(), "--verbose"]);
+    assert!(ok, "{stderr}");
+    let lines: Vec<&str> = stderr.lines().filter(|l| l.contains(": step ")).collect();
+    assert_eq!(lines.len(), 4, "{stderr}");
+    // A CPU-only build copies nothing to a GPU and says nothing about copies; a CUDA build run
+    // on the CPU counts zero bytes.
+    for line in &lines {
+        if cfg!(feature = "cuda") {
+            assert!(
+                line.contains("host->device 0 B, device->host 0 B"),
+                "{line}"
+            );
+        } else {
+            assert!(!line.contains("host->device"), "{line}");
+        }
+    }
+    let (ok, _, stderr) = ipcompose(&["run", recipe.to_str().unwrap(), "--verbose", "--quiet"]);
+    assert!(!ok && stderr.contains("--quiet"), "{stderr}");
+}

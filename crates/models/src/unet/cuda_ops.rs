@@ -64,6 +64,8 @@ pub(crate) fn geglu(projected: &Tensor) -> Result<Tensor> {
     projected.apply_op1_no_bwd(&GegluOp)
 }
 
+// Read only by the CUDA launch.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 struct GroupNormOp {
     groups: usize,
     eps: f32,
