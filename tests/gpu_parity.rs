@@ -4,6 +4,9 @@
 //! bounds) and `IPCOMPOSE_TEST_DTYPE=f16|bf16` (the end-to-end cases, half-precision bound).
 //! On the CPU the same tests run from their own files.
 
+// Each gathered file declares `mod common;` as it does when built alone.
+#![allow(clippy::duplicate_mod)]
+
 #[path = "parity_sd15.rs"]
 mod parity_sd15;
 

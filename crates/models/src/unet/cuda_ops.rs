@@ -229,11 +229,7 @@ impl candle_core::CustomOp1 for GegluOp {
                 let dims = layout.shape().dims();
                 let width = dims.last().copied().unwrap_or(0);
                 let half = width / 2;
-                let rows = if width == 0 {
-                    0
-                } else {
-                    layout.shape().elem_count() / width
-                };
+                let rows = layout.shape().elem_count().checked_div(width).unwrap_or(0);
                 let total = rows * half;
                 let func =
                     dev.get_or_load_custom_func(&kernel_name::<T>("geglu"), "ipcompose", PTX)?;
