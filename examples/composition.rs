@@ -49,6 +49,7 @@ fn main() -> anyhow::Result<()> {
         clip_skip: 0,
         ip_adapters: Vec::new(),
         controls: Vec::new(),
+        loras: Vec::new(),
     };
 
     // The image prompt: tokens and every layer's keys/values, computed once.

@@ -45,6 +45,7 @@ fn main() -> anyhow::Result<()> {
             clip_skip: 0,
             ip_adapters: Vec::new(),
             controls: Vec::new(),
+            loras: Vec::new(),
         };
         let generated = model.generate(&request, &Default::default(), &mut |p| {
             eprint!("\r{prompt}: {}/{}", p.step, p.total)

@@ -24,3 +24,6 @@ mod pipeline_ip_adapter;
 
 #[path = "pipeline_chain.rs"]
 mod pipeline_chain;
+
+#[path = "pipeline_lora.rs"]
+mod pipeline_lora;

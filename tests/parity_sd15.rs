@@ -208,6 +208,7 @@ fn run_case(case: &Case) -> (f32, f32, f32) {
         clip_skip: 0,
         ip_adapters: Vec::new(),
         controls: Vec::new(),
+        loras: Vec::new(),
     };
     let text: TextConditioning = model.text_conditioning(&request).unwrap();
     let mut scheduler = build_scheduler(kind, &config, case.steps).unwrap();

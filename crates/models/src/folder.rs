@@ -18,6 +18,8 @@ pub struct DiffusersFolder {
     root: PathBuf,
     /// Weight file variant to prefer, e.g. `fp16` for `*.fp16.safetensors`.
     pub variant: Option<String>,
+    /// LoRA updates per component (`unet`, `text_encoder`), added to the weights as they load.
+    patches: std::collections::BTreeMap<String, std::sync::Arc<crate::lora::WeightPatches>>,
 }
 
 const COMPONENTS: [&str; 5] = ["unet", "vae", "text_encoder", "tokenizer", "scheduler"];
@@ -51,6 +53,7 @@ impl DiffusersFolder {
         Ok(Self {
             root: root.to_path_buf(),
             variant: None,
+            patches: Default::default(),
         })
     }
 
@@ -86,7 +89,46 @@ impl DiffusersFolder {
     fn weights(&self, component: &str, stem: &str) -> Result<WeightStore> {
         let files =
             find_component_weights(&self.component(component), stem, self.variant.as_deref())?;
-        WeightStore::open(&files)
+        Ok(WeightStore::open(&files)?.with_patches(self.patches.get(component).cloned()))
+    }
+
+    /// This folder with LoRA `patches` added to `component`'s weights (`unet`,
+    /// `text_encoder`) as they load.
+    pub fn with_patches(
+        &self,
+        component: &str,
+        patches: std::sync::Arc<crate::lora::WeightPatches>,
+    ) -> Self {
+        let mut folder = self.clone();
+        folder.patches.insert(component.to_string(), patches);
+        folder
+    }
+
+    /// The weight files of `unet` or `text_encoder`, unpatched (their names and shapes).
+    pub fn component_weights(&self, component: &str) -> Result<WeightStore> {
+        match component {
+            "text_encoder" => self.text_encoder_store(),
+            other => {
+                let files = find_component_weights(
+                    &self.component(other),
+                    "diffusion_pytorch_model",
+                    self.variant.as_deref(),
+                )?;
+                WeightStore::open(&files)
+            }
+        }
+    }
+
+    fn text_encoder_store(&self) -> Result<WeightStore> {
+        let dir = self.component("text_encoder");
+        match find_component_weights(&dir, "model", self.variant.as_deref()) {
+            Ok(files) => WeightStore::open(&files),
+            Err(_) => WeightStore::open(&find_component_weights(
+                &dir,
+                "pytorch_model",
+                self.variant.as_deref(),
+            )?),
+        }
     }
 
     pub fn load_unet(
@@ -114,15 +156,9 @@ impl DiffusersFolder {
         dtype: DType,
         device: &Device,
     ) -> Result<ClipTextModel> {
-        let dir = self.component("text_encoder");
-        let store = match find_component_weights(&dir, "model", self.variant.as_deref()) {
-            Ok(files) => WeightStore::open(&files)?,
-            Err(_) => WeightStore::open(&find_component_weights(
-                &dir,
-                "pytorch_model",
-                self.variant.as_deref(),
-            )?)?,
-        };
+        let store = self
+            .text_encoder_store()?
+            .with_patches(self.patches.get("text_encoder").cloned());
         Ok(ClipTextModel::new(
             store.var_builder(dtype, device),
             config,

@@ -11,6 +11,7 @@ pub mod error;
 pub mod folder;
 pub mod ip_adapter;
 mod legacy_pth;
+pub mod lora;
 pub mod openpose;
 pub mod single_file;
 pub mod single_file_base;

@@ -285,6 +285,17 @@ impl RenamedWeights {
         Self { store, to_original }
     }
 
+    /// The same tensors with LoRA `patches` (keyed by diffusers names) added as they load.
+    pub fn with_patches(
+        mut self,
+        patches: Option<std::sync::Arc<crate::lora::WeightPatches>>,
+    ) -> Self {
+        let renamed = patches
+            .map(|p| std::sync::Arc::new(p.renamed(|name| self.to_original.get(name).cloned())));
+        self.store = self.store.with_patches(renamed);
+        self
+    }
+
     /// The file's name for a diffusers name.
     pub fn original_name(&self, name: &str) -> Option<&str> {
         self.to_original.get(name).map(String::as_str)

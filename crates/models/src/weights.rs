@@ -17,10 +17,12 @@ enum Container {
     Loaded(std::collections::HashMap<String, Tensor>),
 }
 
-/// A set of weight files read as one namespace of tensors.
+/// A set of weight files read as one namespace of tensors, optionally with LoRA updates added
+/// to the weights as they load (the files stay untouched).
 pub struct WeightStore {
     container: Container,
     files: Vec<PathBuf>,
+    patches: Option<std::sync::Arc<crate::lora::WeightPatches>>,
 }
 
 fn is_pickle(path: &Path) -> bool {
@@ -78,7 +80,17 @@ impl WeightStore {
         Ok(Self {
             container,
             files: files.to_vec(),
+            patches: None,
         })
+    }
+
+    /// The same files with `patches` added to the weights they name as they load.
+    pub fn with_patches(
+        mut self,
+        patches: Option<std::sync::Arc<crate::lora::WeightPatches>>,
+    ) -> Self {
+        self.patches = patches.filter(|p| !p.is_empty());
+        self
     }
 
     /// Opens a PyTorch pickle holding a dict of dicts (e.g. IP-Adapter's
@@ -97,6 +109,7 @@ impl WeightStore {
         Ok(Self {
             container: Container::Pickle(parts),
             files: vec![path.to_path_buf()],
+            patches: None,
         })
     }
 
@@ -110,6 +123,7 @@ impl WeightStore {
         Ok(Self {
             container: Container::Pickle(vec![(String::new(), pth)]),
             files: vec![path.to_path_buf()],
+            patches: None,
         })
     }
 
@@ -219,7 +233,10 @@ impl SimpleBackend for WeightStore {
 
     fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
         match self.load(name, dev)? {
-            Some(t) => t.to_dtype(dtype),
+            Some(t) => match &self.patches {
+                Some(patches) => patches.apply(name, t)?.to_dtype(dtype),
+                None => t.to_dtype(dtype),
+            },
             None => Err(candle_core::Error::Msg(format!(
                 "{}: tensor `{name}` is missing",
                 self.describe_files()

@@ -14,7 +14,8 @@ use crate::control::{controlnet_residuals, t2i_features, PreparedControlNet, Pre
 use crate::error::{PipelineError, Result};
 use crate::ip::{step_injections, PreparedIpAdapter};
 use crate::noise::SeededNoise;
-use crate::plan::{BaseModelPlan, GenerationPlan, InitialNoise};
+use crate::plan::{BaseModelPlan, GenerationPlan, InitialNoise, LoraUse};
+use ipcompose_models::lora::{Component, ComponentWeights, LoraFile, WeightPatches};
 
 /// A frozen Stable Diffusion base model, loaded once and shared by every generation.
 pub struct BaseModel {
@@ -28,7 +29,27 @@ pub struct BaseModel {
 
 impl BaseModel {
     pub fn load(plan: &BaseModelPlan, device: &Device, dtype: DType) -> Result<Self> {
-        let folder = &plan.folder;
+        Self::load_with_loras(plan, &[], device, dtype)
+    }
+
+    /// The base with `loras` added to its UNet and text encoder weights as they load (this
+    /// run's copy; the files are untouched). Every key of each LoRA must match a layer.
+    pub fn load_with_loras(
+        plan: &BaseModelPlan,
+        loras: &[LoraUse],
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Self> {
+        let (unet_patches, text_patches) = lora_patches(plan, loras)?;
+        let folder = &match (&unet_patches, &text_patches) {
+            (Some(u), Some(t)) => plan
+                .folder
+                .with_patches("unet", u.clone())
+                .with_patches("text_encoder", t.clone()),
+            (Some(u), None) => plan.folder.with_patches("unet", u.clone()),
+            (None, Some(t)) => plan.folder.with_patches("text_encoder", t.clone()),
+            (None, None) => plan.folder.clone(),
+        };
         let Some(file) = &plan.single_file else {
             return Ok(Self {
                 tokenizer: folder.tokenizer()?,
@@ -40,10 +61,14 @@ impl BaseModel {
             });
         };
         use ipcompose_models::single_file_base::{text_encoder_weights, unet_weights, vae_weights};
-        let unet_vb = unet_weights(file, &plan.unet.layers_per_block)?.var_builder(dtype, device);
+        let unet_vb = unet_weights(file, &plan.unet.layers_per_block)?
+            .with_patches(unet_patches)
+            .var_builder(dtype, device);
         let vae_vb =
             vae_weights(file, plan.vae.block_out_channels.len())?.var_builder(dtype, device);
-        let text_vb = text_encoder_weights(file)?.var_builder(dtype, device);
+        let text_vb = text_encoder_weights(file)?
+            .with_patches(text_patches)
+            .var_builder(dtype, device);
         Ok(Self {
             tokenizer: folder.tokenizer()?,
             text_encoder: ClipTextModel::new(text_vb, &plan.text_encoder)?,
@@ -157,6 +182,65 @@ impl BaseModel {
         let image = self.vae.decode_to_unit(&latents)?;
         Ok(Generated { latents, image })
     }
+}
+
+type Patches = Option<std::sync::Arc<WeightPatches>>;
+
+/// The summed LoRA updates of a generation for the base's UNet and text encoder, each LoRA's
+/// keys resolved against the base's own weight names (a key that matches none is an error).
+fn lora_patches(plan: &BaseModelPlan, loras: &[LoraUse]) -> Result<(Patches, Patches)> {
+    if loras.is_empty() {
+        return Ok((None, None));
+    }
+    // The base's weight names and shapes (headers only).
+    type ShapeOf = Box<dyn Fn(&str) -> Option<Vec<usize>>>;
+    let (unet_names, unet_shape, text_names, text_shape): (
+        Vec<String>,
+        ShapeOf,
+        Vec<String>,
+        ShapeOf,
+    ) = match &plan.single_file {
+        None => {
+            let unet = plan.folder.component_weights("unet")?;
+            let text = plan.folder.component_weights("text_encoder")?;
+            (
+                unet.tensor_names(),
+                Box::new(move |n: &str| unet.shape(n)),
+                text.tensor_names(),
+                Box::new(move |n: &str| text.shape(n)),
+            )
+        }
+        Some(file) => {
+            use ipcompose_models::single_file_base::{text_encoder_weights, unet_weights};
+            let unet = unet_weights(file, &plan.unet.layers_per_block)?;
+            let text = text_encoder_weights(file)?;
+            (
+                unet.names().map(str::to_string).collect(),
+                Box::new(move |n: &str| unet.shape(n)),
+                text.names().map(str::to_string).collect(),
+                Box::new(move |n: &str| text.shape(n)),
+            )
+        }
+    };
+    let bases = [
+        ComponentWeights {
+            component: Component::Unet,
+            names: &unet_names,
+        },
+        ComponentWeights {
+            component: Component::TextEncoder,
+            names: &text_names,
+        },
+    ];
+    let mut resolved = Vec::with_capacity(loras.len());
+    for lora in loras {
+        let file = LoraFile::open(&lora.file)?;
+        resolved.push((file.resolve(&bases)?, lora.scale));
+    }
+    let unet = WeightPatches::build(&resolved, Component::Unet, |n| unet_shape(n))?;
+    let text = WeightPatches::build(&resolved, Component::TextEncoder, |n| text_shape(n))?;
+    let wrap = |p: WeightPatches| (!p.is_empty()).then(|| std::sync::Arc::new(p));
+    Ok((wrap(unet), wrap(text)))
 }
 
 /// Everything besides the text that steers a generation, prepared once before the loop.

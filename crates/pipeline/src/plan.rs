@@ -87,6 +87,23 @@ pub struct GenerationPlan {
     pub clip_skip: usize,
     pub ip_adapters: Vec<IpAdapterUse>,
     pub controls: Vec<ControlUse>,
+    /// LoRAs patched into the base's weights for this generation, in recipe order.
+    pub loras: Vec<LoraUse>,
+}
+
+/// A LoRA of a generation: its file and multiplier.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraUse {
+    pub model: String,
+    pub file: PathBuf,
+    pub scale: f64,
+}
+
+/// A model of `kind: lora`, checked at plan time (format, which base it fits).
+#[derive(Debug, Clone)]
+pub struct LoraModelPlan {
+    pub file: PathBuf,
+    pub summary: ipcompose_models::lora::LoraSummary,
 }
 
 impl GenerationPlan {
@@ -148,6 +165,7 @@ pub struct Plan {
     pub models: BTreeMap<String, BaseModelPlan>,
     pub ip_models: BTreeMap<String, IpModelPlan>,
     pub control_models: BTreeMap<String, ControlModelSource>,
+    pub lora_models: BTreeMap<String, LoraModelPlan>,
     /// Named input images, resolved to files that exist.
     pub images: BTreeMap<String, PathBuf>,
     /// Preprocessor nodes, each after the node it reads.
@@ -217,8 +235,13 @@ impl Plan {
         let mut models = BTreeMap::new();
         let mut ip_models = BTreeMap::new();
         let mut control_models = BTreeMap::new();
+        let mut lora_models = BTreeMap::new();
         let mut preprocessor_models = BTreeMap::new();
         for (name, spec) in &recipe.models {
+            if spec.kind.eq_ignore_ascii_case("lora") {
+                lora_models.insert(name.clone(), plan_lora_model(&cx, name, spec, base_dir)?);
+                continue;
+            }
             if let Some(kind) = PreprocessorModelKind::parse(&spec.kind) {
                 let source = resolve_model_source(&spec.source, spec.revision.as_deref(), base_dir)
                     .map_err(|e| cx.error(&["models", name, "source"], e))?;
@@ -249,7 +272,7 @@ impl Plan {
                 cx.error(
                     &["models", name, "kind"],
                     format!(
-                        "unknown model kind `{}` (supported: sd15, sd2, ip-adapter, controlnet, t2i-adapter, depth-anything, openpose)",
+                        "unknown model kind `{}` (supported: sd15, sd2, ip-adapter, controlnet, t2i-adapter, lora, depth-anything, openpose)",
                         spec.kind
                     ),
                 )
@@ -441,6 +464,7 @@ impl Plan {
                     models: &models,
                     ip_models: &ip_models,
                     control_models: &control_models,
+                    lora_models: &lora_models,
                     images: &image_sources,
                 };
                 generations.push(plan_generate(&cx, name, spec, &known, base_dir)?);
@@ -511,6 +535,7 @@ impl Plan {
             models,
             ip_models,
             control_models,
+            lora_models,
             images,
             preprocessors,
             generations,
@@ -552,6 +577,7 @@ struct Known<'a> {
     models: &'a BTreeMap<String, BaseModelPlan>,
     ip_models: &'a BTreeMap<String, IpModelPlan>,
     control_models: &'a BTreeMap<String, ControlModelSource>,
+    lora_models: &'a BTreeMap<String, LoraModelPlan>,
     images: &'a BTreeMap<String, PathBuf>,
 }
 
@@ -676,6 +702,84 @@ fn plan_control(
         end,
         resize,
         kind,
+    })
+}
+
+/// A `kind: lora` model: the file is read (LoRA files are small) to know its format and the
+/// base it fits; its keys are matched to the base's layers when the base loads.
+fn plan_lora_model(
+    cx: &Context,
+    name: &str,
+    spec: &ModelSpec,
+    base_dir: &Path,
+) -> Result<LoraModelPlan> {
+    let at = ["models", name, "source"];
+    let file = resolve_model_source(&spec.source, spec.revision.as_deref(), base_dir)
+        .map_err(|e| cx.error(&at, e))?;
+    if !file.is_file() {
+        return Err(cx.error(
+            &at,
+            format!("LoRA source `{}` is not a file", file.display()),
+        ));
+    }
+    let lora = ipcompose_models::lora::LoraFile::open(&file).map_err(|e| cx.error(&at, e))?;
+    Ok(LoraModelPlan {
+        file,
+        summary: lora.summary(),
+    })
+}
+
+fn plan_lora_use(
+    cx: &Context,
+    node: &str,
+    index: usize,
+    spec: &crate::recipe::LoraSpec,
+    known: &Known,
+    base: &BaseModelPlan,
+) -> Result<LoraUse> {
+    let at = |k: &'static str| ["nodes", node, "generate", "loras", k];
+    let names: Vec<String> = known.lora_models.keys().cloned().collect();
+    let model = known.lora_models.get(&spec.model).ok_or_else(|| {
+        cx.error(
+            &at("model"),
+            format!(
+                "loras[{index}]: unknown LoRA model `{}`{}",
+                spec.model,
+                did_you_mean(&spec.model, &names)
+            ),
+        )
+    })?;
+    if !spec.scale.is_finite() {
+        return Err(cx.error(
+            &at("scale"),
+            format!("loras[{index}]: scale must be a number"),
+        ));
+    }
+    let summary = &model.summary;
+    let expected = base.unet.cross_attention_dim;
+    let second_encoder = summary
+        .components
+        .contains(&ipcompose_models::lora::Component::TextEncoder2);
+    let width_differs = summary.cross_attention_width.is_some_and(|w| w != expected);
+    if width_differs || second_encoder {
+        return Err(cx.error(
+            &at("model"),
+            format!(
+                "loras[{index}]: `{}` is a {} for an {} base (cross-attention width {}), but the base `{}` has width {expected}",
+                spec.model,
+                summary.format.describe(),
+                summary.base(),
+                summary
+                    .cross_attention_width
+                    .map_or("unknown".to_string(), |w| w.to_string()),
+                base.name
+            ),
+        ));
+    }
+    Ok(LoraUse {
+        model: spec.model.clone(),
+        file: model.file.clone(),
+        scale: spec.scale,
     })
 }
 
@@ -996,10 +1100,17 @@ fn plan_generate(
         .enumerate()
         .map(|(i, c)| plan_control(cx, name, i, c, known, base, spec.steps))
         .collect::<Result<Vec<_>>>()?;
+    let loras = spec
+        .loras
+        .iter()
+        .enumerate()
+        .map(|(i, l)| plan_lora_use(cx, name, i, l, known, base))
+        .collect::<Result<Vec<_>>>()?;
     Ok(GenerationPlan {
         node: name.to_string(),
         ip_adapters,
         controls,
+        loras,
         base: spec.base.clone(),
         prompt: spec.prompt.clone(),
         negative_prompt: spec.negative_prompt.clone(),

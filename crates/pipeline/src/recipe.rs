@@ -337,6 +337,24 @@ pub struct GenerateSpec {
     /// Structural conditions: ControlNets and T2I-Adapters.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub controls: Vec<ControlSpec>,
+    /// LoRAs (models of `kind: lora`) applied to this generation's UNet and text encoder.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub loras: Vec<LoraSpec>,
+}
+
+/// One LoRA in a `generate` node.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoraSpec {
+    /// A model of `kind: lora`.
+    pub model: String,
+    /// The multiplier on the LoRA's update, for the UNet and text encoder alike (default 1).
+    #[serde(default = "default_lora_scale")]
+    pub scale: f64,
+}
+
+fn default_lora_scale() -> f64 {
+    1.0
 }
 
 /// One ControlNet or T2I-Adapter in a `generate` node.

@@ -115,16 +115,29 @@ impl<'o> Runner<'o> {
             let inputs =
                 needed_preprocessors(true, &|node| reads.is_some_and(|r| r.contains(node)));
             materialize(&plan.preprocessors, &inputs, &mut fresh, &mut self.networks)?;
-            if !self.loaded.contains_key(&generation.base) {
+            // A base with LoRAs is its own copy of the weights, kept per LoRA combination.
+            let key = loaded_key(generation);
+            if !self.loaded.contains_key(&key) {
                 let base_plan = plan.models.get(&generation.base).ok_or_else(|| {
                     PipelineError::Plan(format!("unknown model `{}`", generation.base))
                 })?;
+                if !generation.loras.is_empty() {
+                    // Only one LoRA-patched copy of a base is kept at a time.
+                    let base = generation.base.clone();
+                    self.loaded
+                        .retain(|k, _| k == &base || !k.starts_with(&format!("{base}+")));
+                }
                 self.loaded.insert(
-                    generation.base.clone(),
-                    BaseModel::load(base_plan, &options.device, options.dtype)?,
+                    key.clone(),
+                    BaseModel::load_with_loras(
+                        base_plan,
+                        &generation.loras,
+                        &options.device,
+                        options.dtype,
+                    )?,
                 );
             }
-            let model = &self.loaded[&generation.base];
+            let model = &self.loaded[&key];
             let conditions =
                 prepare_conditions(plan, generation, model, &mut self.adapters, options)?;
             let generated = model.generate(generation, &conditions, &mut |p| {
@@ -161,6 +174,15 @@ impl<'o> Runner<'o> {
         }
         Ok(written)
     }
+}
+
+/// The name a loaded base is kept under: the recipe's base name, plus its LoRAs and scales.
+fn loaded_key(generation: &GenerationPlan) -> String {
+    let mut key = generation.base.clone();
+    for lora in &generation.loras {
+        key.push_str(&format!("+{}@{}", lora.model, lora.scale));
+    }
+    key
 }
 
 /// Adapter weights and image encoders, each loaded once per run however many nodes use them.

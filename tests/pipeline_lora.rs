@@ -1,0 +1,199 @@
+//! LoRAs end to end (recipe → plan → run) against diffusers: kohya LoRA (UNet attention and
+//! text encoder, alpha ≠ rank) at 0.7; a kohya LoCon file and a diffusers/peft file together;
+//! LyCORIS LoHa and LoKr (reference: the weights merged with LyCORIS' formulas). Fixtures:
+//! tests/fixtures/make_lora_fixtures.py.
+
+mod common;
+
+use common::{fx, run_generate_case};
+
+fn lora_models(files: &[(&str, &str)]) -> String {
+    files
+        .iter()
+        .map(|(name, file)| {
+            format!(
+                "  {name}: {{kind: lora, source: {}}}\n",
+                fx(&format!("lora/{file}"))
+            )
+        })
+        .collect()
+}
+
+fn loras(uses: &[(&str, f64)]) -> String {
+    let mut text = "      loras:\n".to_string();
+    for (model, scale) in uses {
+        text.push_str(&format!("        - {{model: {model}, scale: {scale}}}\n"));
+    }
+    text
+}
+
+#[test]
+fn kohya_lora_on_unet_and_text_encoder() {
+    run_generate_case(
+        "lora_kohya",
+        &lora_models(&[("detail", "kohya_attn_te.safetensors")]),
+        "",
+        &loras(&[("detail", 0.7)]),
+    );
+}
+
+#[test]
+fn kohya_locon_and_peft_files_together() {
+    run_generate_case(
+        "lora_two_formats",
+        &lora_models(&[
+            ("locon", "kohya_locon.safetensors"),
+            ("peft", "peft_unet_te.safetensors"),
+        ]),
+        "",
+        &loras(&[("locon", 1.0), ("peft", 0.5)]),
+    );
+}
+
+#[test]
+fn lycoris_loha() {
+    run_generate_case(
+        "lora_loha",
+        &lora_models(&[("loha", "loha.safetensors")]),
+        "",
+        &loras(&[("loha", 0.8)]),
+    );
+}
+
+#[test]
+fn lycoris_lokr() {
+    run_generate_case(
+        "lora_lokr",
+        &lora_models(&[("lokr", "lokr.safetensors")]),
+        "",
+        &loras(&[("lokr", 1.0)]),
+    );
+}
+
+/// Writes `tensors` as a LoRA file and plans (and, if planning succeeds, runs) a one-step
+/// recipe using it; returns the first error.
+fn error_with_lora(name: &str, tensors: &[(&str, Vec<usize>)], scale: f64) -> String {
+    use candle_core::{Device, Tensor};
+    let dir = common::scratch(&format!("lora-error-{name}"));
+    let map: std::collections::HashMap<String, Tensor> = tensors
+        .iter()
+        .map(|(k, shape)| {
+            (
+                k.to_string(),
+                Tensor::ones(shape.as_slice(), candle_core::DType::F32, &Device::Cpu).unwrap(),
+            )
+        })
+        .collect();
+    let file = dir.join("bad.safetensors");
+    candle_core::safetensors::save(&map, &file).unwrap();
+    let text = format!(
+        "version: 1\nmodels:\n  base: {{kind: sd15, source: {}}}\n  bad: {{kind: lora, source: {}}}\nnodes:\n  gen:\n    generate:\n      base: base\n      prompt: x\n      size: [64, 64]\n      steps: 1\n      loras:\n        - {{model: bad, scale: {scale}}}\noutputs:\n  - {{latents: gen, path: out.safetensors}}\n",
+        fx("tiny-sd15"),
+        file.display()
+    );
+    let path = dir.join("recipe.yaml");
+    std::fs::write(&path, &text).unwrap();
+    let recipe = ipcompose::pipeline::Recipe::parse(&text, &path).unwrap();
+    let plan = match ipcompose::pipeline::plan::Plan::build(&recipe, &text, &path, &dir) {
+        Ok(plan) => plan,
+        Err(e) => return e.to_string(),
+    };
+    match ipcompose::pipeline::run_plan(&plan, &common::run_options(), &mut |_, _| {}) {
+        Ok(_) => panic!("{name}: the run succeeded"),
+        Err(e) => {
+            assert!(
+                !dir.join("out.safetensors").exists(),
+                "{name}: partial output"
+            );
+            e.to_string()
+        }
+    }
+}
+
+#[test]
+fn a_key_that_matches_no_layer_is_named() {
+    let message = error_with_lora(
+        "unmatched",
+        &[
+            (
+                "lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight",
+                vec![2, 32, 1, 1],
+            ),
+            (
+                "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight",
+                vec![32, 2, 1, 1],
+            ),
+            (
+                "lora_unet_down_blocks_7_attentions_0_to_q.lora_down.weight",
+                vec![2, 32],
+            ),
+            (
+                "lora_unet_down_blocks_7_attentions_0_to_q.lora_up.weight",
+                vec![32, 2],
+            ),
+        ],
+        1.0,
+    );
+    assert!(
+        message.contains("match no layer") && message.contains("down_blocks_7_attentions_0_to_q"),
+        "{message}"
+    );
+}
+
+#[test]
+fn a_lora_for_another_base_is_refused_at_plan_time() {
+    let message = error_with_lora(
+        "sdxl",
+        &[
+            (
+                "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn2_to_k.lora_down.weight",
+                vec![4, 2048],
+            ),
+            (
+                "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn2_to_k.lora_up.weight",
+                vec![640, 4],
+            ),
+        ],
+        1.0,
+    );
+    assert!(
+        message.contains("recipe.yaml:")
+            && message.contains("SDXL")
+            && message.contains("2048")
+            && message.contains("has width 32"),
+        "{message}"
+    );
+}
+
+#[test]
+fn an_unknown_format_lists_its_keys() {
+    let message = error_with_lora("format", &[("something.weird", vec![2])], 1.0);
+    assert!(
+        message.contains("not a LoRA file") && message.contains("something.weird"),
+        "{message}"
+    );
+}
+
+#[test]
+fn a_shape_mismatch_names_the_weight() {
+    let message = error_with_lora(
+        "shape",
+        &[
+            (
+                "lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight",
+                vec![2, 7, 1, 1],
+            ),
+            (
+                "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight",
+                vec![32, 2, 1, 1],
+            ),
+        ],
+        1.0,
+    );
+    assert!(
+        message.contains("down_blocks.0.attentions.0.proj_in.weight")
+            && message.contains("[32, 2, 1, 1] · [2, 7, 1, 1]")
+            && message.contains("the base weight is"),
+        "{message}"
+    );
+}
