@@ -63,6 +63,7 @@ impl LoraFormat {
 
 /// One module's stored update.
 #[derive(Debug, Clone)]
+#[allow(clippy::enum_variant_names)] // the formats' own names
 enum Update {
     LoRa {
         down: Tensor,
@@ -255,9 +256,8 @@ impl LoraFile {
             if let Some((component, _)) = split_component(key) {
                 components.insert(component);
             }
-            let rank = if key.ends_with("lora_down.weight") || key.ends_with(".lora_A.weight") {
-                t.dims().first().copied()
-            } else if key.ends_with("hada_w1_b") || key.ends_with("lokr_w2_b") {
+            let rank_holder = ["lora_down.weight", ".lora_A.weight", "hada_w1_b", "lokr_w2_b"];
+            let rank = if rank_holder.iter().any(|s| key.ends_with(s)) {
                 t.dims().first().copied()
             } else {
                 None
