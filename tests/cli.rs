@@ -662,3 +662,17 @@ fn verbose_lines_count_host_device_copies_only_in_cuda_builds() {
     let (ok, _, stderr) = ipcompose(&["run", recipe.to_str().unwrap(), "--verbose", "--quiet"]);
     assert!(!ok && stderr.contains("--quiet"), "{stderr}");
 }
+
+#[test]
+fn inspect_says_what_a_lora_file_is() {
+    for (file, expected) in [
+        ("kohya_attn_te.safetensors", "kohya/A1111 LoRA for a base of cross-attention width 32, touches the UNet and text encoder; rank 4"),
+        ("peft_unet_te.safetensors", "diffusers/peft LoRA"),
+        ("loha.safetensors", "LyCORIS LoHa"),
+        ("lokr.safetensors", "LyCORIS LoKr"),
+    ] {
+        let path = common::fx(&format!("lora/{file}"));
+        let (ok, stdout, stderr) = ipcompose(&["inspect", &path]);
+        assert!(ok && stdout.contains(expected), "{file}: {stdout} {stderr}");
+    }
+}

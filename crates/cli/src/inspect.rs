@@ -178,6 +178,28 @@ fn inspect_file(path: &Path) -> anyhow::Result<()> {
         println!("{}: {description}", path.display());
         return Ok(());
     }
+    let is_safetensors = path.extension().is_some_and(|e| e == "safetensors");
+    if is_safetensors {
+        if let Ok(lora) = ipcompose::models::lora::LoraFile::open(path) {
+            let s = lora.summary();
+            let parts: Vec<&str> = s.components.iter().map(|c| c.name()).collect();
+            let ranks: Vec<String> = s.ranks.iter().map(|r| r.to_string()).collect();
+            println!(
+                "{}: {} for {}, touches the {}; rank {}; {} tensors",
+                path.display(),
+                s.format.describe(),
+                s.base(),
+                parts.join(" and "),
+                if ranks.is_empty() {
+                    "n/a".to_string()
+                } else {
+                    ranks.join("/")
+                },
+                s.tensors
+            );
+            return Ok(());
+        }
+    }
     let store = open_checkpoint(path)?;
     let (params, dtypes) = summary(&store);
     let names = store.tensor_names();

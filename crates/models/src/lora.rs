@@ -256,7 +256,12 @@ impl LoraFile {
             if let Some((component, _)) = split_component(key) {
                 components.insert(component);
             }
-            let rank_holder = ["lora_down.weight", ".lora_A.weight", "hada_w1_b", "lokr_w2_b"];
+            let rank_holder = [
+                "lora_down.weight",
+                ".lora_A.weight",
+                "hada_w1_b",
+                "lokr_w2_b",
+            ];
             let rank = if rank_holder.iter().any(|s| key.ends_with(s)) {
                 t.dims().first().copied()
             } else {
@@ -486,15 +491,18 @@ pub struct LoraSummary {
 
 impl LoraSummary {
     /// The base family the file fits, from its parts and widths.
-    pub fn base(&self) -> &'static str {
+    pub fn base(&self) -> String {
         if self.components.contains(&Component::TextEncoder2) {
-            return "SDXL";
+            return "SDXL".to_string();
         }
         match self.cross_attention_width {
-            Some(768) => "SD1.x",
-            Some(1024) => "SD2.x",
-            Some(2048) => "SDXL",
-            _ => "unknown (no cross-attention key layer)",
+            Some(768) => "SD1.x".to_string(),
+            Some(1024) => "SD2.x".to_string(),
+            Some(2048) => "SDXL".to_string(),
+            Some(width) => format!("a base of cross-attention width {width}"),
+            None => {
+                "a base it does not name (no cross-attention key layer in the file)".to_string()
+            }
         }
     }
 }

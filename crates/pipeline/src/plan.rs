@@ -765,7 +765,7 @@ fn plan_lora_use(
         return Err(cx.error(
             &at("model"),
             format!(
-                "loras[{index}]: `{}` is a {} for an {} base (cross-attention width {}), but the base `{}` has width {expected}",
+                "loras[{index}]: `{}` is a {} for {} (cross-attention width {}), but the base `{}` has width {expected}",
                 spec.model,
                 summary.format.describe(),
                 summary.base(),
