@@ -183,6 +183,10 @@ pub enum Figure {
     /// A whole `--steps`-step run through the denoising loop plus the VAE decode.
     #[value(name = "run_20", alias = "run")]
     Run,
+    /// Loading the UNet with a rank-16 kohya LoRA on every attention projection (the LoRA read,
+    /// resolved, its updates computed and added as the weights load): compare with `load`.
+    #[value(name = "load_lora")]
+    LoadLora,
     /// Not a speed: one UNet forward in `--dtype` against the same weights and inputs in f32,
     /// as `max |half - f32| / max |f32|` and `‖half - f32‖ / ‖f32‖` (for f16/bf16).
     #[value(name = "precision")]
@@ -455,7 +459,18 @@ impl Bench<'_> {
             })?;
             self.report(m, &mut done);
         }
-        let step_figures = figures.iter().any(|f| *f != Figure::Load);
+        if figures.contains(&Figure::LoadLora) {
+            let lora = self.files.write_lora(16)?;
+            let m = self.measure("load_lora", || {
+                let unet = self.files.load_unet_with_lora(&lora, dtype, &device)?;
+                drop(unet);
+                Ok(None)
+            })?;
+            self.report(m, &mut done);
+        }
+        let step_figures = figures
+            .iter()
+            .any(|f| !matches!(f, Figure::Load | Figure::LoadLora));
         if !step_figures {
             return Ok(done);
         }
@@ -951,6 +966,60 @@ impl ModelFiles {
 
     /// The UNet as `DiffusersFolder::load_unet` loads it: one memory-mapped safetensors file
     /// behind ipcompose's weight store, copied into the model's tensors.
+    /// A kohya LoRA of `rank` on every attention projection of the UNet (random, small values).
+    fn write_lora(&self, rank: usize) -> anyhow::Result<PathBuf> {
+        let store = WeightStore::open(&[self.unet.join(WEIGHTS_FILE)])?;
+        let mut tensors = std::collections::HashMap::new();
+        for name in store.tensor_names() {
+            let Some(module) = name.strip_suffix(".weight") else {
+                continue;
+            };
+            let attention = ["to_q", "to_k", "to_v", "to_out.0"]
+                .iter()
+                .any(|s| module.ends_with(&format!(".{s}")));
+            let Some(shape) = store.shape(&name).filter(|s| s.len() == 2 && attention) else {
+                continue;
+            };
+            let stem = format!("lora_unet_{}", module.replace('.', "_"));
+            let cpu = Device::Cpu;
+            tensors.insert(
+                format!("{stem}.lora_down.weight"),
+                (Tensor::randn(0f32, 1f32, (rank, shape[1]), &cpu)? * 0.01)?,
+            );
+            tensors.insert(
+                format!("{stem}.lora_up.weight"),
+                (Tensor::randn(0f32, 1f32, (shape[0], rank), &cpu)? * 0.01)?,
+            );
+            tensors.insert(format!("{stem}.alpha"), Tensor::new(rank as f32, &cpu)?);
+        }
+        let path = self.unet.with_file_name("lora.safetensors");
+        candle_core::safetensors::save(&tensors, &path)?;
+        Ok(path)
+    }
+
+    /// The UNet with `lora` (scale 1) added as its weights load, as a recipe's `loras` does.
+    fn load_unet_with_lora(
+        &self,
+        lora: &Path,
+        dtype: DType,
+        device: &Device,
+    ) -> anyhow::Result<UNet2DConditionModel> {
+        use ipcompose::models::lora::{Component, ComponentWeights, LoraFile, WeightPatches};
+        let config = UNetConfig::from_file(&self.unet.join("config.json"))?;
+        let files = [self.unet.join(WEIGHTS_FILE)];
+        let base = WeightStore::open(&files)?;
+        let names = base.tensor_names();
+        let updates = LoraFile::open(lora)?.resolve(&[ComponentWeights {
+            component: Component::Unet,
+            names: &names,
+        }])?;
+        let patches = WeightPatches::build(&[(updates, 1.0)], Component::Unet, |n| base.shape(n))?;
+        let vb = WeightStore::open(&files)?
+            .with_patches(Some(std::sync::Arc::new(patches)))
+            .var_builder(dtype, device);
+        Ok(UNet2DConditionModel::new(vb, &config)?)
+    }
+
     fn load_unet(&self, dtype: DType, device: &Device) -> anyhow::Result<UNet2DConditionModel> {
         let config = UNetConfig::from_file(&self.unet.join("config.json"))?;
         let vb = WeightStore::open(&[self.unet.join(WEIGHTS_FILE)])?.var_builder(dtype, device);
