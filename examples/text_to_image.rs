@@ -32,6 +32,9 @@ fn main() -> anyhow::Result<()> {
             base: "base".to_string(),
             prompt: prompt.to_string(),
             negative_prompt: Some("lowres, blurry".to_string()),
+            prompt_2: None,
+            negative_prompt_2: None,
+            micro_conditioning: None,
             width: side,
             height: side,
             steps: 20,
@@ -46,7 +49,7 @@ fn main() -> anyhow::Result<()> {
             ip_adapters: Vec::new(),
             controls: Vec::new(),
         };
-        let generated = model.generate(&request, &Default::default(), &mut |p| {
+        let generated = model.generate(&request, Default::default(), &mut |p| {
             eprint!("\r{prompt}: {}/{}", p.step, p.total)
         })?;
         eprintln!();

@@ -21,3 +21,6 @@ mod pipeline_ip_adapter;
 
 #[path = "pipeline_chain.rs"]
 mod pipeline_chain;
+
+#[path = "parity_sdxl.rs"]
+mod parity_sdxl;
