@@ -29,17 +29,12 @@ pub struct ClipTextConfig {
     pub layer_norm_eps: f64,
     /// Where the pooled output is read: `2` (the value of older configs, the real SD/SDXL
     /// files included) means the position of the largest id, as transformers does; any other
-    /// value, the first position holding it.
-    #[serde(default = "default_eos")]
-    pub eos_token_id: i64,
+    /// value, the first position holding it. Absent or null: transformers' default, 49407.
+    #[serde(default)]
+    pub eos_token_id: Option<i64>,
     /// Width of `text_projection` (`CLIPTextModelWithProjection`, SDXL's second encoder).
     #[serde(default)]
     pub projection_dim: Option<usize>,
-}
-
-fn default_eos() -> i64 {
-    // transformers' `CLIPTextConfig` default.
-    49407
 }
 
 fn default_positions() -> usize {
@@ -202,7 +197,8 @@ impl ClipTextModel {
     /// first position holding `eos_token_id`.
     fn pooled_positions(&self, input_ids: &Tensor) -> Result<Vec<usize>> {
         let rows = input_ids.to_dtype(DType::I64)?.to_vec2::<i64>()?;
-        let eos = self.config.eos_token_id;
+        // transformers' `CLIPTextConfig` default.
+        let eos = self.config.eos_token_id.unwrap_or(49407);
         rows.iter()
             .map(|ids| {
                 pooled_position(ids, eos).ok_or_else(|| {
