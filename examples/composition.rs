@@ -36,6 +36,9 @@ fn main() -> anyhow::Result<()> {
         base: "base".to_string(),
         prompt: "a cozy house at dusk".to_string(),
         negative_prompt: Some("lowres, blurry".to_string()),
+        prompt_2: None,
+        negative_prompt_2: None,
+        micro_conditioning: None,
         width,
         height,
         steps: 25,
@@ -110,8 +113,9 @@ fn main() -> anyhow::Result<()> {
         ip_adapters: vec![ip],
         controlnets: vec![controlnet],
         t2i_adapters: Vec::new(),
+        ..Default::default()
     };
-    let generated = model.generate(&request, &conditions, &mut |p| {
+    let generated = model.generate(&request, conditions, &mut |p| {
         eprint!("\rstep {}/{}", p.step, p.total)
     })?;
     eprintln!();

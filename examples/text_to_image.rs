@@ -32,6 +32,9 @@ fn main() -> anyhow::Result<()> {
             base: "base".to_string(),
             prompt: prompt.to_string(),
             negative_prompt: Some("lowres, blurry".to_string()),
+            prompt_2: None,
+            negative_prompt_2: None,
+            micro_conditioning: None,
             width: side,
             height: side,
             steps: 20,
@@ -47,7 +50,7 @@ fn main() -> anyhow::Result<()> {
             controls: Vec::new(),
             loras: Vec::new(),
         };
-        let generated = model.generate(&request, &Default::default(), &mut |p| {
+        let generated = model.generate(&request, Default::default(), &mut |p| {
             eprint!("\r{prompt}: {}/{}", p.step, p.total)
         })?;
         eprintln!();

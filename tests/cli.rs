@@ -101,6 +101,50 @@ fn latents_file_as_initial_noise_is_reproducible() {
     assert_eq!(outputs(&dir).len(), 2);
 }
 
+#[test]
+fn sdxl_recipe_runs_through_the_binary() {
+    let dir = scratch("cli-sdxl");
+    let recipe = dir.join("xl.yaml");
+    let text = format!(
+        r#"version: 1
+models:
+  xl: {{kind: sdxl, source: {}}}
+nodes:
+  gen:
+    generate:
+      base: xl
+      prompt: "a cozy house at dusk"
+      prompt_2: "an oil painting"
+      size: [80, 48]
+      original_size: [160, 96]
+      crops_coords_top_left: [8, 0]
+      steps: 3
+      guidance: 5.0
+      seed: 3
+outputs:
+  - {{image: gen, path: out/xl.png}}
+  - {{latents: gen, path: out/xl.safetensors}}
+"#,
+        fixtures().join("tiny-sdxl").display()
+    );
+    std::fs::write(&recipe, text).unwrap();
+    let (ok, stdout, stderr) = ipcompose(&["validate", recipe.to_str().unwrap()]);
+    assert!(
+        ok && stdout.contains("Sdxl") && stdout.contains("Euler"),
+        "{stdout}{stderr}"
+    );
+    let (ok, _, stderr) = ipcompose(&["run", recipe.to_str().unwrap(), "--quiet"]);
+    assert!(ok, "{stderr}");
+    let img = image::open(dir.join("out/xl.png"))
+        .expect("PNG written")
+        .to_rgb8();
+    assert_eq!(img.dimensions(), (80, 48));
+    let latents =
+        candle_core::safetensors::load(dir.join("out/xl.safetensors"), &candle_core::Device::Cpu)
+            .unwrap();
+    assert_eq!(latents["latents"].dims(), &[1, 4, 6, 10]);
+}
+
 fn assert_fails(recipe: &Path, dir: &Path, needles: &[&str]) {
     let (ok, _, stderr) = ipcompose(&["run", recipe.to_str().unwrap(), "--quiet"]);
     assert!(!ok, "expected failure");
@@ -329,6 +373,7 @@ fn single_file_checkpoint_equals_its_folder_twin() {
 fn inspect_names_each_checkpoint_kind() {
     let cases = [
         ("tiny-sd15", "diffusers Stable Diffusion folder"),
+        ("tiny-sdxl", "diffusers Stable Diffusion folder, SDXL"),
         ("controlnet/tiny-canny", "ControlNet"),
         (
             "controlnet/tiny-canny-single.safetensors",
@@ -518,7 +563,7 @@ fn every_error_class_names_the_place_and_writes_nothing() {
             &[
                 "house.yaml:4",
                 "unknown model kind `sdxxl`",
-                "sd15, sd2, ip-adapter",
+                "sd15, sd2, sdxl, ip-adapter",
             ],
         ),
         // unknown scheduler, with the valid ones

@@ -27,3 +27,6 @@ mod pipeline_chain;
 
 #[path = "pipeline_lora.rs"]
 mod pipeline_lora;
+
+#[path = "parity_sdxl.rs"]
+mod parity_sdxl;

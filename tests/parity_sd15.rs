@@ -197,6 +197,9 @@ fn run_case(case: &Case) -> (f32, f32, f32) {
         base: case.folder.clone(),
         prompt: case.prompt.clone(),
         negative_prompt: case.negative_prompt.clone(),
+        prompt_2: None,
+        negative_prompt_2: None,
+        micro_conditioning: None,
         width: case.width,
         height: case.height,
         steps: case.steps,
@@ -210,7 +213,11 @@ fn run_case(case: &Case) -> (f32, f32, f32) {
         controls: Vec::new(),
         loras: Vec::new(),
     };
-    let text: TextConditioning = model.text_conditioning(&request).unwrap();
+    let (text, added): (TextConditioning, _) = model.text_conditioning(&request).unwrap();
+    assert!(
+        added.is_none(),
+        "an SD1.x/2.x base takes no added conditioning"
+    );
     let mut scheduler = build_scheduler(kind, &config, case.steps).unwrap();
     let noise: Vec<Tensor> = (0..case.steps)
         .map_while(|k| r.get(&format!("noise.{k}")).cloned())

@@ -197,3 +197,24 @@ fn a_shape_mismatch_names_the_weight() {
         "{message}"
     );
 }
+
+#[test]
+fn loras_on_an_sdxl_base_are_refused_at_plan_time() {
+    let dir = common::scratch("lora-sdxl-base");
+    let text = format!(
+        "version: 1\nmodels:\n  base: {{kind: sdxl, source: {}}}\n  detail: {{kind: lora, source: {}}}\nnodes:\n  gen:\n    generate:\n      base: base\n      prompt: x\n      loras: [{{model: detail}}]\noutputs:\n  - {{latents: gen, path: out.safetensors}}\n",
+        fx("tiny-sdxl"),
+        fx("lora/kohya_attn_te.safetensors")
+    );
+    let path = dir.join("recipe.yaml");
+    std::fs::write(&path, &text).unwrap();
+    let recipe = ipcompose::pipeline::Recipe::parse(&text, &path).unwrap();
+    let message = ipcompose::pipeline::plan::Plan::build(&recipe, &text, &path, &dir)
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(
+        message.contains("recipe.yaml:10") && message.contains("LoRAs are not supported on sdxl"),
+        "{message}"
+    );
+}

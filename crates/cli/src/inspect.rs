@@ -85,7 +85,12 @@ fn inspect_folder(path: &Path) -> anyhow::Result<()> {
         println!(
             "{}: diffusers Stable Diffusion folder, {} (context {}, {} cross-attention layers); UNet {}, {dtypes}",
             path.display(),
-            base_of_context(unet.cross_attention_dim),
+            // The added text/time embedding says SDXL whatever the widths (tiny test models).
+            if unet.addition.is_some() {
+                "SDXL"
+            } else {
+                base_of_context(unet.cross_attention_dim)
+            },
             unet.cross_attention_dim,
             unet.cross_attention_layers(),
             millions(params)

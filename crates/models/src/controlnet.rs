@@ -354,7 +354,7 @@ impl ControlNetModel {
             ChannelOrder::Rgb => cond_image.clone(),
             ChannelOrder::Bgr => cond_image.flip(&[1])?,
         };
-        let temb = self.encoder.time_embedding(timestep, sample)?;
+        let temb = self.encoder.time_embedding(timestep, sample, None)?;
         let xs = self.encoder.conv_in(sample)?;
         let hint = self.cond_embedding.forward(&cond_image)?;
         if hint.dims()[1..] != xs.dims()[1..] {

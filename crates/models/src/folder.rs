@@ -1,13 +1,16 @@
 //! A diffusers pipeline folder on disk (`model_index.json`, `unet/`, `vae/`, `text_encoder/`,
-//! `tokenizer/`, `scheduler/`), as users have it after downloading e.g.
-//! stable-diffusion-v1-5/stable-diffusion-v1-5.
+//! `tokenizer/`, `scheduler/`, and for SDXL `text_encoder_2/`, `tokenizer_2/`), as users have it
+//! after downloading e.g. stable-diffusion-v1-5/stable-diffusion-v1-5 or
+//! stabilityai/stable-diffusion-xl-base-1.0.
 
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device};
 
-use crate::clip_text::{ClipTextConfig, ClipTextModel};
-use crate::error::{ModelError, Result};
+use serde::Deserialize;
+
+use crate::clip_text::{ClipTextConfig, ClipTextModel, ClipTextModelWithProjection};
+use crate::error::{read_json, ModelError, Result};
 use crate::tokenizer::ClipTokenizer;
 use crate::unet::{UNet2DConditionModel, UNetConfig};
 use crate::vae::{Vae, VaeConfig};
@@ -23,6 +26,18 @@ pub struct DiffusersFolder {
 }
 
 const COMPONENTS: [&str; 5] = ["unet", "vae", "text_encoder", "tokenizer", "scheduler"];
+
+/// The fields of `model_index.json` the pipelines read.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ModelIndex {
+    /// e.g. `StableDiffusionPipeline`, `StableDiffusionXLPipeline`.
+    #[serde(rename = "_class_name", default)]
+    pub class_name: Option<String>,
+    /// SDXL: an absent negative prompt gives zero embeddings instead of the encoding of "".
+    /// diffusers' `StableDiffusionXLPipeline` defaults it to true.
+    #[serde(default)]
+    pub force_zeros_for_empty_prompt: Option<bool>,
+}
 
 impl DiffusersFolder {
     /// Checks that `root` looks like a diffusers Stable Diffusion folder; names what is missing.
@@ -77,12 +92,54 @@ impl DiffusersFolder {
         ClipTextConfig::from_file(&self.component("text_encoder").join("config.json"))
     }
 
+    /// Whether the folder has a sub-folder `name` (e.g. SDXL's `text_encoder_2`).
+    pub fn has_component(&self, name: &str) -> bool {
+        self.component(name).is_dir()
+    }
+
+    /// `model_index.json`; a folder without one reads as an empty index.
+    pub fn model_index(&self) -> Result<ModelIndex> {
+        let path = self.root.join("model_index.json");
+        if !path.is_file() {
+            return Ok(ModelIndex {
+                class_name: None,
+                force_zeros_for_empty_prompt: None,
+            });
+        }
+        read_json(&path, "a diffusers model_index.json")
+    }
+
+    /// SDXL's second text encoder config (`text_encoder_2/config.json`), which must name its
+    /// `projection_dim`.
+    pub fn text_encoder_2_config(&self) -> Result<ClipTextConfig> {
+        let path = self.component("text_encoder_2").join("config.json");
+        let config = ClipTextConfig::from_file(&path)?;
+        if config.projection_dim.is_none() {
+            return Err(ModelError::Config {
+                path,
+                message:
+                    "the second text encoder (CLIPTextModelWithProjection) needs `projection_dim`"
+                        .to_string(),
+            });
+        }
+        Ok(config)
+    }
+
     pub fn scheduler_config_path(&self) -> PathBuf {
         self.component("scheduler").join("scheduler_config.json")
     }
 
     pub fn tokenizer(&self) -> Result<ClipTokenizer> {
-        ClipTokenizer::from_folder(&self.component("tokenizer"))
+        self.tokenizer_in("tokenizer")
+    }
+
+    /// SDXL's second tokenizer (`tokenizer_2/`, padding with `!`).
+    pub fn tokenizer_2(&self) -> Result<ClipTokenizer> {
+        self.tokenizer_in("tokenizer_2")
+    }
+
+    fn tokenizer_in(&self, component: &str) -> Result<ClipTokenizer> {
+        ClipTokenizer::from_folder(&self.component(component))
             .map_err(|e| ModelError::Weights(e.to_string()))
     }
 
@@ -104,10 +161,10 @@ impl DiffusersFolder {
         folder
     }
 
-    /// The weight files of `unet` or `text_encoder`, unpatched (their names and shapes).
+    /// The weight files of `unet`, `text_encoder` or `text_encoder_2`, unpatched (their names and shapes).
     pub fn component_weights(&self, component: &str) -> Result<WeightStore> {
         match component {
-            "text_encoder" => self.text_encoder_store(),
+            "text_encoder" | "text_encoder_2" => self.text_encoder_weights(component),
             other => {
                 let files = find_component_weights(
                     &self.component(other),
@@ -116,18 +173,6 @@ impl DiffusersFolder {
                 )?;
                 WeightStore::open(&files)
             }
-        }
-    }
-
-    fn text_encoder_store(&self) -> Result<WeightStore> {
-        let dir = self.component("text_encoder");
-        match find_component_weights(&dir, "model", self.variant.as_deref()) {
-            Ok(files) => WeightStore::open(&files),
-            Err(_) => WeightStore::open(&find_component_weights(
-                &dir,
-                "pytorch_model",
-                self.variant.as_deref(),
-            )?),
         }
     }
 
@@ -157,11 +202,40 @@ impl DiffusersFolder {
         device: &Device,
     ) -> Result<ClipTextModel> {
         let store = self
-            .text_encoder_store()?
+            .text_encoder_weights("text_encoder")?
             .with_patches(self.patches.get("text_encoder").cloned());
         Ok(ClipTextModel::new(
             store.var_builder(dtype, device),
             config,
         )?)
+    }
+
+    /// SDXL's `text_encoder_2` (`CLIPTextModelWithProjection`).
+    pub fn load_text_encoder_2(
+        &self,
+        config: &ClipTextConfig,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<ClipTextModelWithProjection> {
+        let store = self
+            .text_encoder_weights("text_encoder_2")?
+            .with_patches(self.patches.get("text_encoder_2").cloned());
+        Ok(ClipTextModelWithProjection::new(
+            store.var_builder(dtype, device),
+            config,
+        )?)
+    }
+
+    /// transformers' `model*.safetensors`, else `pytorch_model*.bin`.
+    fn text_encoder_weights(&self, component: &str) -> Result<WeightStore> {
+        let dir = self.component(component);
+        match find_component_weights(&dir, "model", self.variant.as_deref()) {
+            Ok(files) => WeightStore::open(&files),
+            Err(_) => WeightStore::open(&find_component_weights(
+                &dir,
+                "pytorch_model",
+                self.variant.as_deref(),
+            )?),
+        }
     }
 }

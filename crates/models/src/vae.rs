@@ -34,6 +34,10 @@ pub struct VaeConfig {
     pub down_block_types: Vec<String>,
     #[serde(default)]
     pub up_block_types: Vec<String>,
+    /// diffusers' `force_upcast` (its default is true): SDXL pipelines decode in f32 when the
+    /// model runs in half precision, as the original SDXL VAE overflows in f16.
+    #[serde(default = "default_true")]
+    pub force_upcast: bool,
 }
 
 fn default_io() -> usize {

@@ -6,21 +6,30 @@ use candle_core::{DType, Device, Tensor};
 use ipcompose_models::clip_text::ClipTextModel;
 use ipcompose_models::folder::DiffusersFolder;
 use ipcompose_models::tokenizer::ClipTokenizer;
-use ipcompose_models::unet::{Injections, UNet2DConditionModel};
+use ipcompose_models::unet::{AddedConditioning, Injections, TextContext, UNet2DConditionModel};
 use ipcompose_models::vae::Vae;
 use ipcompose_schedulers::{build_scheduler, NoiseSource, Scheduler};
 
 use crate::control::{controlnet_residuals, t2i_features, PreparedControlNet, PreparedT2I};
 use crate::error::{PipelineError, Result};
+use crate::family::{BaseKind, TextEncoding};
 use crate::ip::{step_injections, PreparedIpAdapter};
 use crate::noise::SeededNoise;
 use crate::plan::{BaseModelPlan, GenerationPlan, InitialNoise, LoraUse};
+use crate::text::SecondTextEncoder;
 use ipcompose_models::lora::{Component, ComponentWeights, LoraFile, WeightPatches};
 
-/// A frozen Stable Diffusion base model, loaded once and shared by every generation.
+/// A frozen Stable Diffusion base model, loaded once and shared by every generation. Its
+/// prompt encoding is in `text.rs`.
 pub struct BaseModel {
+    /// The family: how prompts are encoded, which added conditioning the UNet takes.
+    pub kind: BaseKind,
     pub tokenizer: ClipTokenizer,
     pub text_encoder: ClipTextModel,
+    /// SDXL's second text encoder; `None` for single-encoder families.
+    pub text_encoder_2: Option<SecondTextEncoder>,
+    /// `model_index.json`'s `force_zeros_for_empty_prompt` (two-encoder families).
+    pub force_zeros_for_empty_prompt: bool,
     pub unet: UNet2DConditionModel,
     pub vae: Vae,
     pub device: Device,
@@ -41,37 +50,57 @@ impl BaseModel {
         dtype: DType,
     ) -> Result<Self> {
         let (unet_patches, text_patches) = lora_patches(plan, loras)?;
-        let folder = &match (&unet_patches, &text_patches) {
-            (Some(u), Some(t)) => plan
-                .folder
-                .with_patches("unet", u.clone())
-                .with_patches("text_encoder", t.clone()),
-            (Some(u), None) => plan.folder.with_patches("unet", u.clone()),
-            (None, Some(t)) => plan.folder.with_patches("text_encoder", t.clone()),
-            (None, None) => plan.folder.clone(),
+        let mut folder = plan.folder.clone();
+        if let Some(patches) = &unet_patches {
+            folder = folder.with_patches("unet", patches.clone());
+        }
+        if let Some(patches) = &text_patches {
+            folder = folder.with_patches("text_encoder", patches.clone());
+        }
+        let folder = &folder;
+        let family = plan.kind.family();
+        let vae_dtype = family.vae_dtype(&plan.vae, dtype);
+        let text_encoder_2 = match &plan.text_encoder_2 {
+            Some(config) => Some(SecondTextEncoder {
+                tokenizer: folder.tokenizer_2()?,
+                encoder: folder.load_text_encoder_2(config, dtype, device)?,
+            }),
+            None => None,
         };
         let Some(file) = &plan.single_file else {
             return Ok(Self {
+                kind: plan.kind,
                 tokenizer: folder.tokenizer()?,
                 text_encoder: folder.load_text_encoder(&plan.text_encoder, dtype, device)?,
+                text_encoder_2,
+                force_zeros_for_empty_prompt: plan.force_zeros_for_empty_prompt,
                 unet: folder.load_unet(&plan.unet, dtype, device)?,
-                vae: folder.load_vae(&plan.vae, dtype, device)?,
+                vae: folder.load_vae(&plan.vae, vae_dtype, device)?,
                 device: device.clone(),
                 dtype,
             });
         };
+        if !family.single_file {
+            return Err(PipelineError::Plan(format!(
+                "single-file checkpoints are not supported for {} bases",
+                family.name
+            )));
+        }
         use ipcompose_models::single_file_base::{text_encoder_weights, unet_weights, vae_weights};
         let unet_vb = unet_weights(file, &plan.unet.layers_per_block)?
             .with_patches(unet_patches)
             .var_builder(dtype, device);
         let vae_vb =
-            vae_weights(file, plan.vae.block_out_channels.len())?.var_builder(dtype, device);
+            vae_weights(file, plan.vae.block_out_channels.len())?.var_builder(vae_dtype, device);
         let text_vb = text_encoder_weights(file)?
             .with_patches(text_patches)
             .var_builder(dtype, device);
         Ok(Self {
+            kind: plan.kind,
             tokenizer: folder.tokenizer()?,
             text_encoder: ClipTextModel::new(text_vb, &plan.text_encoder)?,
+            text_encoder_2,
+            force_zeros_for_empty_prompt: plan.force_zeros_for_empty_prompt,
             unet: UNet2DConditionModel::new(unet_vb, &plan.unet)?,
             vae: Vae::new(vae_vb, &plan.vae)?,
             device: device.clone(),
@@ -79,56 +108,40 @@ impl BaseModel {
         })
     }
 
-    /// Loads a diffusers folder directly (library use, without a recipe).
+    /// Loads a diffusers folder directly (library use, without a recipe); its family is read
+    /// from the folder ([`BaseKind::detect`]).
     pub fn from_folder(root: &Path, device: &Device, dtype: DType) -> Result<Self> {
         let folder = DiffusersFolder::open(root)?;
+        let kind = BaseKind::detect(&folder)?;
+        let family = kind.family();
         let unet = folder.unet_config()?;
         let vae = folder.vae_config()?;
         let text = folder.text_encoder_config()?;
+        let vae_dtype = family.vae_dtype(&vae, dtype);
+        let text_encoder_2 = match family.text {
+            TextEncoding::Single => None,
+            TextEncoding::Dual => Some(SecondTextEncoder {
+                tokenizer: folder.tokenizer_2()?,
+                encoder: folder.load_text_encoder_2(
+                    &folder.text_encoder_2_config()?,
+                    dtype,
+                    device,
+                )?,
+            }),
+        };
         Ok(Self {
+            kind,
             tokenizer: folder.tokenizer()?,
             text_encoder: folder.load_text_encoder(&text, dtype, device)?,
+            text_encoder_2,
+            force_zeros_for_empty_prompt: folder
+                .model_index()?
+                .force_zeros_for_empty_prompt
+                .unwrap_or(true),
             unet: folder.load_unet(&unet, dtype, device)?,
-            vae: folder.load_vae(&vae, dtype, device)?,
+            vae: folder.load_vae(&vae, vae_dtype, device)?,
             device: device.clone(),
             dtype,
-        })
-    }
-
-    /// Token ids `[1, 77]` of `prompt`.
-    pub fn tokenize(&self, prompt: &str) -> Result<Tensor> {
-        let ids = self
-            .tokenizer
-            .encode(prompt)
-            .map_err(|e| PipelineError::Plan(format!("tokenizing {prompt:?}: {e}")))?;
-        Ok(Tensor::new(ids, &self.device)?.unsqueeze(0)?)
-    }
-
-    /// The text context `[1, 77, D]` as diffusers' `encode_prompt` makes it.
-    pub fn encode_prompt(&self, prompt: &str, clip_skip: usize) -> Result<Tensor> {
-        Ok(self
-            .text_encoder
-            .encode(&self.tokenize(prompt)?, clip_skip)?)
-    }
-
-    /// The UNet context for a generation: `[uncond, cond]` under guidance, `[cond]` without.
-    pub fn text_conditioning(&self, request: &GenerationPlan) -> Result<TextConditioning> {
-        let cond = self.encode_prompt(&request.prompt, request.clip_skip)?;
-        let guided = request.guidance > 1.0;
-        let context = if guided {
-            let negative = request.negative_prompt.as_deref().unwrap_or("");
-            let uncond = self.encode_prompt(negative, request.clip_skip)?;
-            Tensor::cat(&[uncond, cond], 0)?
-        } else {
-            cond
-        };
-        Ok(TextConditioning {
-            context,
-            guided,
-            guidance: Guidance {
-                scale: request.guidance,
-                rescale: request.guidance_rescale,
-            },
         })
     }
 
@@ -140,10 +153,12 @@ impl BaseModel {
 
     /// Runs one generation with its prepared `conditions`; returns the final latents and the
     /// decoded image in [0, 1].
+    /// `conditions` holds the adapters' contributions; the text conditioning (and SDXL's added
+    /// conditioning, which replaces `conditions.added`) is encoded here.
     pub fn generate(
         &self,
         request: &GenerationPlan,
-        conditions: &Conditions,
+        conditions: Conditions,
         progress: &mut dyn FnMut(Progress),
     ) -> Result<Generated> {
         let factor = self.vae.config().downscale_factor();
@@ -164,7 +179,11 @@ impl BaseModel {
                 Box::new(SeededNoise::new(0)),
             ),
         };
-        let conditioning = self.text_conditioning(request)?;
+        let (conditioning, added) = self.text_conditioning(request)?;
+        let conditions = Conditions {
+            added,
+            ..conditions
+        };
         let mut scheduler = build_scheduler(
             request.scheduler_kind,
             &request.scheduler_config,
@@ -175,7 +194,7 @@ impl BaseModel {
             scheduler.as_mut(),
             &init,
             &conditioning,
-            conditions,
+            &conditions,
             noise.as_mut(),
             progress,
         )?;
@@ -243,9 +262,13 @@ fn lora_patches(plan: &BaseModelPlan, loras: &[LoraUse]) -> Result<(Patches, Pat
     Ok((wrap(unet), wrap(text)))
 }
 
-/// Everything besides the text that steers a generation, prepared once before the loop.
+/// Everything besides the text context that steers a generation, prepared once before the
+/// loop.
 #[derive(Default)]
 pub struct Conditions {
+    /// The base family's added conditioning (SDXL: pooled text embeddings and micro-conditioning
+    /// time ids), batched like the context; `None` for SD1.x / SD2.x.
+    pub added: Option<AddedConditioning>,
     pub ip_adapters: Vec<PreparedIpAdapter>,
     pub controlnets: Vec<PreparedControlNet>,
     pub t2i_adapters: Vec<PreparedT2I>,
@@ -347,8 +370,12 @@ pub fn denoise(
             mid_residual: residuals.as_ref().map(|(_, mid)| mid),
             down_block_features: features.as_deref(),
         };
+        let context = TextContext {
+            hidden: &text.context,
+            added: conditions.added.as_ref(),
+        };
         let prediction = unet
-            .forward(&model_input, t, &text.context, &injections)?
+            .forward(&model_input, t, context, &injections)?
             .to_dtype(DType::F32)?;
         let prediction = if text.guided {
             apply_guidance(&prediction, &text.guidance)?

@@ -4,6 +4,7 @@ pub mod batch;
 pub mod clip_image;
 pub mod control;
 pub mod error;
+pub mod family;
 pub mod generate;
 pub mod ip;
 pub mod ip_scale;
@@ -20,6 +21,7 @@ pub mod run;
 pub mod schedule;
 pub mod source;
 pub mod sweep;
+pub mod text;
 
 pub use error::{PipelineError, Result};
 pub use generate::{BaseModel, Generated, Progress};

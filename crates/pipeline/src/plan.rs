@@ -30,26 +30,13 @@ use crate::source::resolve_model_source;
 /// Where configs for single-file SD1.5 checkpoints come from by default (as diffusers).
 pub const SD15_CONFIG_REPO: &str = "stable-diffusion-v1-5/stable-diffusion-v1-5";
 
-/// Which family of base model a folder holds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum BaseKind {
-    Sd15,
-    Sd2,
-}
-
-impl BaseKind {
-    fn parse(kind: &str) -> Option<Self> {
-        match kind.to_ascii_lowercase().as_str() {
-            "sd15" | "sd1.5" | "sd1" | "sd-1.5" => Some(Self::Sd15),
-            "sd2" | "sd21" | "sd2.1" | "sd20" | "sd2.0" => Some(Self::Sd2),
-            _ => None,
-        }
-    }
-}
+pub use crate::family::BaseKind;
+use crate::family::{AddedConditioning, Family, MicroConditioning, TextEncoding};
 
 #[derive(Debug, Clone)]
 pub struct BaseModelPlan {
     pub name: String,
+    /// The family (`family.rs`): how text is encoded, which added conditioning the UNet takes.
     pub kind: BaseKind,
     /// The diffusers folder (for a single-file checkpoint: where configs, tokenizer and
     /// scheduler come from).
@@ -59,6 +46,11 @@ pub struct BaseModelPlan {
     pub unet: UNetConfig,
     pub vae: VaeConfig,
     pub text_encoder: ClipTextConfig,
+    /// SDXL's second text encoder (with `projection_dim`); `None` for one-encoder families.
+    pub text_encoder_2: Option<ClipTextConfig>,
+    /// `model_index.json`'s `force_zeros_for_empty_prompt` (two-encoder families; diffusers'
+    /// default true when the file does not say).
+    pub force_zeros_for_empty_prompt: bool,
     pub scheduler_config: SchedulerConfig,
 }
 
@@ -75,7 +67,12 @@ pub struct GenerationPlan {
     pub node: String,
     pub base: String,
     pub prompt: String,
+    /// SDXL's second-encoder prompts (`None`: the first ones).
+    pub prompt_2: Option<String>,
     pub negative_prompt: Option<String>,
+    pub negative_prompt_2: Option<String>,
+    /// SDXL's micro-conditioning with its defaults filled in; `None` for families without it.
+    pub micro_conditioning: Option<MicroConditioning>,
     pub width: usize,
     pub height: usize,
     pub steps: usize,
@@ -272,11 +269,13 @@ impl Plan {
                 cx.error(
                     &["models", name, "kind"],
                     format!(
-                        "unknown model kind `{}` (supported: sd15, sd2, ip-adapter, controlnet, t2i-adapter, lora, depth-anything, openpose)",
-                        spec.kind
+                        "unknown model kind `{}` (supported: {}, ip-adapter, controlnet, t2i-adapter, lora, depth-anything, openpose)",
+                        spec.kind,
+                        BaseKind::NAMES
                     ),
                 )
             })?;
+            let family = kind.family();
             let root = resolve_model_source(&spec.source, spec.revision.as_deref(), base_dir)
                 .map_err(|e| cx.error(&["models", name, "source"], e))?;
             // A single file carries weights only; like diffusers' `from_single_file`, the
@@ -286,10 +285,13 @@ impl Plan {
                 let checkpoint =
                     ipcompose_models::single_file_base::SingleFileCheckpoint::open(&root)
                         .map_err(|e| cx.error(&["models", name, "source"], e))?;
-                if kind != BaseKind::Sd15 {
+                if !family.single_file {
                     return Err(cx.error(
                         &["models", name, "kind"],
-                        "single-file checkpoints are supported for sd15 only",
+                        format!(
+                            "single-file checkpoints are supported for sd15 only; a {} base needs a diffusers folder",
+                            family.name
+                        ),
                     ));
                 }
                 Some(checkpoint.file)
@@ -322,15 +324,8 @@ impl Plan {
             let text_encoder = folder.text_encoder_config().map_err(at)?;
             let scheduler_config = SchedulerConfig::from_file(&folder.scheduler_config_path())
                 .map_err(|e| cx.error(&["models", name], e))?;
-            if text_encoder.hidden_size != unet.cross_attention_dim {
-                return Err(cx.error(
-                    &["models", name],
-                    format!(
-                        "text encoder width {} does not match the UNet's cross_attention_dim {}",
-                        text_encoder.hidden_size, unet.cross_attention_dim
-                    ),
-                ));
-            }
+            let (text_encoder_2, force_zeros_for_empty_prompt) =
+                plan_base_family(&cx, name, family, &folder, &unet, &text_encoder)?;
             if vae.latent_channels != unet.in_channels {
                 return Err(cx.error(
                     &["models", name],
@@ -350,6 +345,8 @@ impl Plan {
                     unet,
                     vae,
                     text_encoder,
+                    text_encoder_2,
+                    force_zeros_for_empty_prompt,
                     scheduler_config,
                 },
             );
@@ -552,6 +549,100 @@ impl Plan {
 
     pub fn generation(&self, node: &str) -> Option<&GenerationPlan> {
         self.generations.iter().find(|g| g.node == node)
+    }
+}
+
+/// Checks a base folder against its family (text encoders, added embedding, widths); returns
+/// the second text encoder's config and `force_zeros_for_empty_prompt`.
+fn plan_base_family(
+    cx: &Context,
+    name: &str,
+    family: &Family,
+    folder: &DiffusersFolder,
+    unet: &UNetConfig,
+    text_encoder: &ClipTextConfig,
+) -> Result<(Option<ClipTextConfig>, bool)> {
+    let at = |e: ipcompose_models::ModelError| cx.error(&["models", name], e);
+    let holds_sdxl = unet.addition.is_some() || folder.has_component("text_encoder_2");
+    match (family.added, unet.addition) {
+        (AddedConditioning::None, _) if holds_sdxl => {
+            return Err(cx.error(
+                &["models", name, "kind"],
+                format!(
+                    "`{}` holds an SDXL model (a second text encoder and an added text/time embedding); use `kind: sdxl`",
+                    folder.root().display()
+                ),
+            ));
+        }
+        (AddedConditioning::TextTime, None) => {
+            return Err(cx.error(
+                &["models", name, "kind"],
+                format!(
+                    "`{}` is not an SDXL model: its UNet has no added text/time embedding (`addition_embed_type: text_time`); use `kind: sd15` or `sd2` for it",
+                    folder.root().display()
+                ),
+            ));
+        }
+        _ => {}
+    }
+    match family.text {
+        TextEncoding::Single => {
+            if text_encoder.hidden_size != unet.cross_attention_dim {
+                return Err(cx.error(
+                    &["models", name],
+                    format!(
+                        "text encoder width {} does not match the UNet's cross_attention_dim {}",
+                        text_encoder.hidden_size, unet.cross_attention_dim
+                    ),
+                ));
+            }
+            Ok((None, false))
+        }
+        TextEncoding::Dual => {
+            let missing: Vec<&str> = ["text_encoder_2", "tokenizer_2"]
+                .into_iter()
+                .filter(|c| !folder.has_component(c))
+                .collect();
+            if !missing.is_empty() {
+                return Err(cx.error(
+                    &["models", name, "source"],
+                    format!(
+                        "an sdxl base needs both text encoders; `{}` has no sub-folder {}",
+                        folder.root().display(),
+                        missing.join(", ")
+                    ),
+                ));
+            }
+            let second = folder.text_encoder_2_config().map_err(at)?;
+            let context = text_encoder.hidden_size + second.hidden_size;
+            if context != unet.cross_attention_dim {
+                return Err(cx.error(
+                    &["models", name],
+                    format!(
+                        "the text encoders' widths {} + {} = {context} do not match the UNet's cross_attention_dim {}",
+                        text_encoder.hidden_size, second.hidden_size, unet.cross_attention_dim
+                    ),
+                ));
+            }
+            if let (Some(addition), Some(projection)) = (unet.addition, second.projection_dim) {
+                if addition.text_embeds_dim() != projection {
+                    return Err(cx.error(
+                        &["models", name],
+                        format!(
+                            "the UNet's added embedding takes pooled text embeddings of width {} (projection_class_embeddings_input_dim {} minus 6 time ids × {}), but text_encoder_2 projects to {projection}",
+                            addition.text_embeds_dim(),
+                            addition.input_dim,
+                            addition.time_embed_dim
+                        ),
+                    ));
+                }
+            }
+            let index = folder.model_index().map_err(at)?;
+            Ok((
+                Some(second),
+                index.force_zeros_for_empty_prompt.unwrap_or(true),
+            ))
+        }
     }
 }
 
@@ -1047,8 +1138,10 @@ fn plan_generate(
             format!("guidance {} must be a number ≥ 0", spec.guidance),
         ));
     }
+    let family = base.kind.family();
+    let micro_conditioning = plan_family_keys(cx, name, spec, base, width, height)?;
     let (scheduler_kind, scheduler_config) = match &spec.scheduler {
-        None => (SchedulerKind::Ddim, base.scheduler_config.clone()),
+        None => (family.default_scheduler, base.scheduler_config.clone()),
         Some(s) => {
             let kind: SchedulerKind = s
                 .kind
@@ -1079,14 +1172,44 @@ fn plan_generate(
             InitialNoise::File(path)
         }
     };
-    if spec.clip_skip >= base.text_encoder.num_hidden_layers {
+    let layers = base
+        .text_encoder_2
+        .iter()
+        .map(|c| c.num_hidden_layers)
+        .fold(base.text_encoder.num_hidden_layers, usize::min);
+    if spec.clip_skip >= layers {
         return Err(cx.error(
             &key("clip_skip"),
             format!(
-                "clip_skip {} must be smaller than the text encoder's {} layers",
-                spec.clip_skip, base.text_encoder.num_hidden_layers
+                "clip_skip {} must be smaller than the text encoder's {layers} layers",
+                spec.clip_skip
             ),
         ));
+    }
+    if !family.loras && !spec.loras.is_empty() {
+        return Err(cx.error(
+            &key("loras"),
+            format!(
+                "LoRAs are not supported on {} bases yet (`{}`); they work on sd15 and sd2 bases",
+                family.name, spec.base
+            ),
+        ));
+    }
+    if !family.adapters {
+        for (field, used) in [
+            ("ip_adapters", !spec.ip_adapters.is_empty()),
+            ("controls", !spec.controls.is_empty()),
+        ] {
+            if used {
+                return Err(cx.error(
+                    &key(field),
+                    format!(
+                        "IP-Adapters, ControlNets and T2I-Adapters are not supported on {} bases yet (`{}`); they work on sd15 and sd2 bases",
+                        family.name, spec.base
+                    ),
+                ));
+            }
+        }
     }
     let ip_adapters = spec
         .ip_adapters
@@ -1113,7 +1236,10 @@ fn plan_generate(
         loras,
         base: spec.base.clone(),
         prompt: spec.prompt.clone(),
+        prompt_2: spec.prompt_2.clone(),
         negative_prompt: spec.negative_prompt.clone(),
+        negative_prompt_2: spec.negative_prompt_2.clone(),
+        micro_conditioning,
         width,
         height,
         steps: spec.steps,
@@ -1124,6 +1250,85 @@ fn plan_generate(
         init,
         clip_skip: spec.clip_skip,
     })
+}
+
+/// The `generate` keys that only some families take (`prompt_2`, `negative_prompt_2`, the
+/// micro-conditioning sizes), checked against the base's family; returns the resolved
+/// micro-conditioning of a family that takes it.
+fn plan_family_keys(
+    cx: &Context,
+    name: &str,
+    spec: &GenerateSpec,
+    base: &BaseModelPlan,
+    width: usize,
+    height: usize,
+) -> Result<Option<MicroConditioning>> {
+    let key = |k: &'static str| ["nodes", name, "generate", k];
+    let family = base.kind.family();
+    let not_for = |k: &'static str, what: &str| {
+        cx.error(
+            &key(k),
+            format!(
+                "`{k}` is for {what} (kind: sdxl); the base `{}` is {}",
+                spec.base, family.name
+            ),
+        )
+    };
+    if family.text != TextEncoding::Dual {
+        for (k, given) in [
+            ("prompt_2", spec.prompt_2.is_some()),
+            ("negative_prompt_2", spec.negative_prompt_2.is_some()),
+        ] {
+            if given {
+                return Err(not_for(k, "bases with two text encoders"));
+            }
+        }
+    } else if spec.negative_prompt_2.is_some()
+        && spec.negative_prompt.is_none()
+        && base.force_zeros_for_empty_prompt
+    {
+        return Err(cx.error(
+            &key("negative_prompt_2"),
+            format!(
+                "`negative_prompt_2` needs a `negative_prompt`: without one `{}` uses zero negative embeddings (its model_index.json sets force_zeros_for_empty_prompt) and would ignore it, as diffusers does; add `negative_prompt: \"\"` to encode the empty text for the first encoder",
+                spec.base
+            ),
+        ));
+    }
+    let sizes = [
+        ("original_size", spec.original_size),
+        ("crops_coords_top_left", spec.crops_coords_top_left),
+        ("target_size", spec.target_size),
+    ];
+    if family.added != AddedConditioning::TextTime {
+        if let Some((k, _)) = sizes.iter().find(|(_, v)| v.is_some()) {
+            return Err(not_for(k, "SDXL's micro-conditioning"));
+        }
+        return Ok(None);
+    }
+    // Time ids are f32 in the UNet: integers up to 2^24 stay exact.
+    const LARGEST: usize = 1 << 24;
+    for (k, value) in sizes {
+        if let Some([a, b]) = value {
+            let is_crop = k == "crops_coords_top_left";
+            if (!is_crop && (a == 0 || b == 0)) || a > LARGEST || b > LARGEST {
+                let expected = if is_crop {
+                    "[top, left] in pixels, each at most 16777216"
+                } else {
+                    "[width, height] in pixels, positive and at most 16777216"
+                };
+                return Err(cx.error(&key(k), format!("{k} [{a}, {b}] must be {expected}")));
+            }
+        }
+    }
+    let defaults = MicroConditioning::defaults(width, height);
+    Ok(Some(MicroConditioning {
+        original_size: spec.original_size.unwrap_or(defaults.original_size),
+        crops_coords_top_left: spec
+            .crops_coords_top_left
+            .unwrap_or(defaults.crops_coords_top_left),
+        target_size: spec.target_size.unwrap_or(defaults.target_size),
+    }))
 }
 
 /// Models that preprocessor nodes run.

@@ -310,12 +310,32 @@ fn default_blur_factor() -> f64 {
 #[serde(deny_unknown_fields)]
 pub struct GenerateSpec {
     pub base: String,
+    /// The prompt (SDXL: for the first text encoder).
     pub prompt: String,
+    /// SDXL: the prompt of the second text encoder (default, or when empty: `prompt`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt_2: Option<String>,
+    /// Absent: "" for SD1.x / SD2.x; for SDXL zero embeddings when the folder's
+    /// `model_index.json` says `force_zeros_for_empty_prompt`. An explicit "" is encoded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub negative_prompt: Option<String>,
+    /// SDXL: the negative prompt of the second text encoder (default, or when empty:
+    /// `negative_prompt`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub negative_prompt_2: Option<String>,
     /// `[width, height]` in pixels.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub size: Option<[usize; 2]>,
+    /// SDXL micro-conditioning: the size `[width, height]` the image is said to come from
+    /// (default: `size`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub original_size: Option<[usize; 2]>,
+    /// SDXL micro-conditioning: `[top, left]` of the crop (diffusers' order; default `[0, 0]`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub crops_coords_top_left: Option<[usize; 2]>,
+    /// SDXL micro-conditioning: `[width, height]` (default: `size`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_size: Option<[usize; 2]>,
     #[serde(default = "default_steps")]
     pub steps: usize,
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -140,7 +140,7 @@ impl<'o> Runner<'o> {
             let model = &self.loaded[&key];
             let conditions =
                 prepare_conditions(plan, generation, model, &mut self.adapters, options)?;
-            let generated = model.generate(generation, &conditions, &mut |p| {
+            let generated = model.generate(generation, conditions, &mut |p| {
                 progress(&generation.node, p)
             })?;
             if let Some(path) = plan.generated.get(&generation.node) {

@@ -87,6 +87,20 @@ struct RawUNetConfig {
     encoder_hid_dim: Option<usize>,
     #[serde(default)]
     num_class_embeds: Option<usize>,
+    #[serde(default)]
+    addition_time_embed_dim: Option<usize>,
+    #[serde(default)]
+    projection_class_embeddings_input_dim: Option<usize>,
+    #[serde(default)]
+    reverse_transformer_layers_per_block: Option<serde_json::Value>,
+    #[serde(default)]
+    time_cond_proj_dim: Option<usize>,
+    #[serde(default)]
+    time_embedding_dim: Option<usize>,
+    #[serde(default)]
+    time_embedding_act_fn: Option<String>,
+    #[serde(default)]
+    timestep_post_act: Option<String>,
 }
 
 fn default_channels() -> usize {
@@ -157,6 +171,29 @@ impl CrossAttentionLayer {
     }
 }
 
+/// SDXL's added embedding (`addition_embed_type: text_time`): each of the six micro-conditioning
+/// time ids becomes a sinusoid of `time_embed_dim`, they follow the pooled text embedding, and
+/// `add_embedding` (linear, SiLU, linear) maps the whole `input_dim` vector onto the time
+/// embedding, to which it is added.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TextTimeEmbedding {
+    /// `addition_time_embed_dim` (256 in SDXL).
+    pub time_embed_dim: usize,
+    /// `projection_class_embeddings_input_dim` (2816 in SDXL = 1280 + 6 × 256).
+    pub input_dim: usize,
+}
+
+impl TextTimeEmbedding {
+    /// Original size (h, w), crop top-left (top, left), target size (h, w).
+    pub const TIME_IDS: usize = 6;
+
+    /// The width of the pooled text embedding this UNet expects (SDXL: text_encoder_2's
+    /// `projection_dim`, 1280).
+    pub fn text_embeds_dim(&self) -> usize {
+        self.input_dim - Self::TIME_IDS * self.time_embed_dim
+    }
+}
+
 /// A resolved UNet configuration: every per-block value expanded.
 #[derive(Debug, Clone)]
 pub struct UNetConfig {
@@ -179,6 +216,8 @@ pub struct UNetConfig {
     pub freq_shift: f64,
     pub downsample_padding: usize,
     pub mid_block_scale_factor: f64,
+    /// SDXL's added text/time embedding; `None` for SD1.x / SD2.x.
+    pub addition: Option<TextTimeEmbedding>,
 }
 
 impl UNetConfig {
@@ -265,14 +304,71 @@ impl UNetConfig {
                 )));
             }
         }
-        let unsupported = [
-            ("class_embed_type", raw.class_embed_type.as_deref()),
-            ("addition_embed_type", raw.addition_embed_type.as_deref()),
+        if let Some(v) = raw.class_embed_type.as_deref() {
+            return Err(err(format!(
+                "`class_embed_type: {v}` is not supported (SD1.x, SD2.x and SDXL UNets have none)"
+            )));
+        }
+        let addition = match raw.addition_embed_type.as_deref() {
+            None => None,
+            Some("text_time") => {
+                let field = |name: &str, value: Option<usize>| {
+                    value.filter(|&v| v > 0).ok_or_else(|| {
+                        err(format!(
+                            "`addition_embed_type: text_time` needs a positive `{name}`"
+                        ))
+                    })
+                };
+                let time_embed_dim = field("addition_time_embed_dim", raw.addition_time_embed_dim)?;
+                let input_dim = field(
+                    "projection_class_embeddings_input_dim",
+                    raw.projection_class_embeddings_input_dim,
+                )?;
+                if input_dim <= TextTimeEmbedding::TIME_IDS * time_embed_dim {
+                    return Err(err(format!(
+                        "`projection_class_embeddings_input_dim` {input_dim} leaves no room for the pooled text embedding next to {} time ids of width {time_embed_dim}",
+                        TextTimeEmbedding::TIME_IDS
+                    )));
+                }
+                if time_embed_dim % 2 != 0 {
+                    return Err(err(format!(
+                        "`addition_time_embed_dim` {time_embed_dim} must be even (a sine and a cosine half)"
+                    )));
+                }
+                Some(TextTimeEmbedding {
+                    time_embed_dim,
+                    input_dim,
+                })
+            }
+            Some(other) => {
+                return Err(err(format!(
+                    "`addition_embed_type: {other}` is not supported (supported: text_time, SDXL's)"
+                )))
+            }
+        };
+        let unsupported_values = [
+            (
+                "reverse_transformer_layers_per_block",
+                raw.reverse_transformer_layers_per_block
+                    .as_ref()
+                    .filter(|v| !v.is_null())
+                    .map(|v| v.to_string()),
+            ),
+            (
+                "time_cond_proj_dim",
+                raw.time_cond_proj_dim.map(|v| v.to_string()),
+            ),
+            (
+                "time_embedding_dim",
+                raw.time_embedding_dim.map(|v| v.to_string()),
+            ),
+            ("time_embedding_act_fn", raw.time_embedding_act_fn.clone()),
+            ("timestep_post_act", raw.timestep_post_act.clone()),
         ];
-        for (field, value) in unsupported {
+        for (field, value) in unsupported_values {
             if let Some(v) = value {
                 return Err(err(format!(
-                    "`{field}: {v}` is not supported yet (SD1.x / SD2.x UNets have none)"
+                    "`{field}: {v}` is not supported (SD1.x, SD2.x and SDXL UNets leave it null)"
                 )));
             }
         }
@@ -371,6 +467,7 @@ impl UNetConfig {
             freq_shift: raw.freq_shift,
             downsample_padding: raw.downsample_padding.unwrap_or(1),
             mid_block_scale_factor: raw.mid_block_scale_factor.unwrap_or(1.0),
+            addition,
         })
     }
 
@@ -466,6 +563,97 @@ mod tests {
         "layers_per_block": 1, "cross_attention_dim": 16, "attention_head_dim": 2,
         "norm_num_groups": 8
     }"#;
+
+    /// stabilityai/stable-diffusion-xl-base-1.0 `unet/config.json` (the fields that matter).
+    const SDXL_BASE: &str = r#"{
+        "_class_name": "UNet2DConditionModel",
+        "addition_embed_type": "text_time", "addition_embed_type_num_heads": 64,
+        "addition_time_embed_dim": 256, "attention_head_dim": [5, 10, 20],
+        "block_out_channels": [320, 640, 1280], "class_embed_type": null,
+        "cross_attention_dim": 2048,
+        "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+        "layers_per_block": 2, "mid_block_type": "UNetMidBlock2DCrossAttn",
+        "norm_num_groups": 32, "num_attention_heads": null,
+        "projection_class_embeddings_input_dim": 2816, "sample_size": 128,
+        "transformer_layers_per_block": [1, 2, 10],
+        "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+        "upcast_attention": null, "use_linear_projection": true,
+        "reverse_transformer_layers_per_block": null, "time_cond_proj_dim": null
+    }"#;
+
+    #[test]
+    fn sdxl_base_config_has_the_text_time_embedding_and_70_cross_attentions() {
+        let cfg = UNetConfig::from_json_str(SDXL_BASE, Path::new("unet/config.json")).unwrap();
+        let addition = cfg.addition.unwrap();
+        assert_eq!((addition.time_embed_dim, addition.input_dim), (256, 2816));
+        assert_eq!(addition.text_embeds_dim(), 1280);
+        assert_eq!(cfg.num_attention_heads, [5, 10, 20]);
+        let layout = cfg.cross_attention_layout();
+        // docs/reference-formats.md A.2: keys 1…139.
+        assert_eq!(layout.len(), 70);
+        assert_eq!(
+            layout[1].name(),
+            "down_blocks.1.attentions.0.transformer_blocks.1.attn2"
+        );
+        assert_eq!(
+            layout[2].name(),
+            "down_blocks.1.attentions.1.transformer_blocks.0.attn2"
+        );
+        // Up block 0 sits at level 2: 3 attentions of 10 transformer blocks, 1280 wide.
+        let up0: Vec<_> = layout
+            .iter()
+            .filter(|l| l.part == UNetPart::Up && l.block == 0)
+            .collect();
+        assert_eq!(up0.len(), 30);
+        assert!(up0.iter().all(|l| l.channels == 1280));
+        assert_eq!(
+            layout[69].name(),
+            "mid_block.attentions.0.transformer_blocks.9.attn2"
+        );
+        assert_eq!(cfg.skip_channels().len(), 9);
+    }
+
+    #[test]
+    fn unsupported_added_embeddings_are_named() {
+        let path = Path::new("unet/config.json");
+        let bad = |from: &str, to: &str| {
+            assert!(SDXL_BASE.contains(from), "{from}");
+            UNetConfig::from_json_str(&SDXL_BASE.replace(from, to), path)
+                .unwrap_err()
+                .to_string()
+        };
+        let message = bad(
+            "\"addition_embed_type\": \"text_time\"",
+            "\"addition_embed_type\": \"image\"",
+        );
+        assert!(
+            message.contains("`addition_embed_type: image`"),
+            "{message}"
+        );
+        let message = bad(
+            "\"addition_time_embed_dim\": 256",
+            "\"addition_time_embed_dim\": null",
+        );
+        assert!(message.contains("addition_time_embed_dim"), "{message}");
+        let message = bad(
+            "\"projection_class_embeddings_input_dim\": 2816",
+            "\"projection_class_embeddings_input_dim\": 1536",
+        );
+        assert!(message.contains("no room"), "{message}");
+        let message = bad(
+            "\"time_cond_proj_dim\": null",
+            "\"time_cond_proj_dim\": 256",
+        );
+        assert!(message.contains("time_cond_proj_dim"), "{message}");
+        let message = bad(
+            "\"reverse_transformer_layers_per_block\": null",
+            "\"reverse_transformer_layers_per_block\": [[1, 1, 1], [2, 2, 2], [10, 10, 10]]",
+        );
+        assert!(
+            message.contains("reverse_transformer_layers_per_block"),
+            "{message}"
+        );
+    }
 
     #[test]
     fn a_unet_needs_up_blocks_an_encoder_does_not() {

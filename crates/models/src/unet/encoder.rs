@@ -1,16 +1,17 @@
 //! The encoder half shared by the UNet and ControlNet: input conv, timestep embedding, the
 //! down blocks and the mid block, built from the same config and weight names.
 
-use candle_core::{Module, Result, Tensor};
+use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use super::winograd::Conv3x3;
 
 use super::attention::{IpKeyValue, SpatialTransformer, SpatialTransformerConfig};
-use super::config::{DownBlockKind, UNetConfig};
+use super::config::{DownBlockKind, TextTimeEmbedding, UNetConfig};
 use super::layers::{
     winograd_at_level, Downsample, ResnetBlock, TimestepEmbedding, TimestepFeatures,
 };
+use super::AddedConditioning;
 
 pub(crate) fn transformer(
     vb: VarBuilder,
@@ -64,9 +65,46 @@ impl MidBlock {
     }
 }
 
+/// SDXL's `add_time_proj` + `add_embedding`: pooled text embeddings and micro-conditioning time
+/// ids mapped onto the time embedding.
+struct AddedEmbedding {
+    config: TextTimeEmbedding,
+    time_proj: TimestepFeatures,
+    embedding: TimestepEmbedding,
+}
+
+impl AddedEmbedding {
+    /// `[B, 4·C0]` in `dtype` for `text_embeds` `[B, P]` and `time_ids` `[B, 6]`.
+    fn forward(&self, added: &AddedConditioning, batch: usize, dtype: DType) -> Result<Tensor> {
+        let ids = TextTimeEmbedding::TIME_IDS;
+        let text_dim = self.config.text_embeds_dim();
+        let (text_batch, width) = added.text_embeds.dims2()?;
+        if (text_batch, width) != (batch, text_dim) {
+            candle_core::bail!(
+                "pooled text embeddings have shape [{text_batch}, {width}]; this UNet expects [{batch}, {text_dim}]"
+            );
+        }
+        let (id_batch, count) = added.time_ids.dims2()?;
+        if (id_batch, count) != (batch, ids) {
+            candle_core::bail!(
+                "time ids have shape [{id_batch}, {count}]; this UNet expects [{batch}, {ids}]"
+            );
+        }
+        // diffusers: the sinusoids are f32 whatever the model dtype; the concatenation with the
+        // pooled embedding is promoted to f32 and cast to the time embedding's dtype.
+        let time = self
+            .time_proj
+            .forward(&added.time_ids.flatten_all()?)?
+            .reshape((batch, ids * self.config.time_embed_dim))?;
+        let input = Tensor::cat(&[&added.text_embeds.to_dtype(DType::F32)?, &time], 1)?;
+        self.embedding.forward(&input.to_dtype(dtype)?)
+    }
+}
+
 pub(crate) struct Encoder {
     conv_in: Conv3x3,
     time_embedding: TimestepEmbedding,
+    added_embedding: Option<AddedEmbedding>,
     down_blocks: Vec<DownBlock>,
     pub(crate) mid_block: MidBlock,
     timestep_features: TimestepFeatures,
@@ -82,6 +120,23 @@ impl Encoder {
         let (groups, eps) = (cfg.norm_num_groups, cfg.norm_eps);
         let conv_in = Conv3x3::new(cfg.in_channels, channels[0], 1, vb.pp("conv_in"))?;
         let time_embedding = TimestepEmbedding::new(vb.pp("time_embedding"), channels[0], temb_c)?;
+        let added_embedding = match cfg.addition {
+            None => None,
+            Some(config) => Some(AddedEmbedding {
+                config,
+                time_proj: TimestepFeatures::new(
+                    config.time_embed_dim,
+                    cfg.flip_sin_to_cos,
+                    cfg.freq_shift,
+                    vb.device(),
+                )?,
+                embedding: TimestepEmbedding::new(
+                    vb.pp("add_embedding"),
+                    config.input_dim,
+                    temb_c,
+                )?,
+            }),
+        };
 
         let mut next_layer = 0usize;
         let mut down_blocks = Vec::with_capacity(n);
@@ -153,6 +208,7 @@ impl Encoder {
         Ok(Self {
             conv_in,
             time_embedding,
+            added_embedding,
             down_blocks,
             mid_block,
             timestep_features: TimestepFeatures::new(
@@ -164,15 +220,35 @@ impl Encoder {
         })
     }
 
-    /// The time embedding `[batch, 4·C0]` for one (possibly fractional) timestep.
-    pub(crate) fn time_embedding(&self, timestep: f64, like: &Tensor) -> Result<Tensor> {
+    /// The time embedding `[batch, 4·C0]` for one (possibly fractional) timestep, plus the
+    /// added text/time embedding of `added` for a UNet that has one (SDXL). Giving `added` to
+    /// a UNet without one, or none to a UNet with one, is an error.
+    pub(crate) fn time_embedding(
+        &self,
+        timestep: f64,
+        like: &Tensor,
+        added: Option<&AddedConditioning>,
+    ) -> Result<Tensor> {
         let batch = like.dim(0)?;
         let timesteps = Tensor::full(timestep as f32, batch, like.device())?;
         let features = self
             .timestep_features
             .forward(&timesteps)?
             .to_dtype(like.dtype())?;
-        self.time_embedding.forward(&features)
+        let temb = self.time_embedding.forward(&features)?;
+        match (&self.added_embedding, added) {
+            (None, None) => Ok(temb),
+            (Some(embedding), Some(added)) => {
+                let dtype = temb.dtype();
+                temb + embedding.forward(added, batch, dtype)?
+            }
+            (Some(_), None) => candle_core::bail!(
+                "this UNet has an added text/time embedding (SDXL's `addition_embed_type: text_time`) and needs pooled text embeddings and time ids"
+            ),
+            (None, Some(_)) => candle_core::bail!(
+                "pooled text embeddings and time ids were given to a UNet without an added embedding (SD1.x / SD2.x)"
+            ),
+        }
     }
 
     pub(crate) fn conv_in(&self, sample: &Tensor) -> Result<Tensor> {

@@ -1,9 +1,13 @@
-//! `UNet2DConditionModel` (SD1.x / SD2.x) with explicit injection points.
+//! `UNet2DConditionModel` (SD1.x / SD2.x / SDXL) with explicit injection points.
 //!
 //! The base model is frozen; everything an adapter or control contributes comes in through
 //! [`Injections`]: image-prompt keys/values per cross-attention layer, residuals added to the
 //! skip connections and the mid block (ControlNet), and features added inside the down blocks
 //! (T2I-Adapter). With nothing injected this is diffusers' UNet.
+//!
+//! What differs between families is read from the config, not written twice: SDXL's UNet is
+//! the same code with linear projections, transformer depth above 1, a first down block without
+//! attention and the added text/time embedding ([`TextContext::added`]).
 
 mod attention;
 mod config;
@@ -17,7 +21,9 @@ mod softmax_block;
 pub(crate) mod winograd;
 
 pub use attention::{multi_head_attention, unfused_attention, IpKeyValue};
-pub use config::{CrossAttentionLayer, DownBlockKind, UNetConfig, UNetPart, UpBlockKind};
+pub use config::{
+    CrossAttentionLayer, DownBlockKind, TextTimeEmbedding, UNetConfig, UNetPart, UpBlockKind,
+};
 
 use candle_core::{CpuStorage, Layout, Module, Result, Tensor};
 use candle_nn::VarBuilder;
@@ -73,6 +79,35 @@ pub(crate) mod test_support {
                 start.elapsed().as_secs_f64()
             })
             .fold(f64::MAX, f64::min)
+    }
+}
+
+/// The base model's added conditioning (SDXL, `addition_embed_type: text_time`), batched like
+/// the text context (`[uncond, cond]` under guidance). Constant over the steps of a run.
+#[derive(Debug, Clone)]
+pub struct AddedConditioning {
+    /// `[B, P]`: the second text encoder's pooled projection (`text_embeds`).
+    pub text_embeds: Tensor,
+    /// `[B, 6]`, f32: original size (h, w), crop top-left (top, left), target size (h, w).
+    pub time_ids: Tensor,
+}
+
+/// What the base UNet is conditioned on besides the timestep: the cross-attention context and,
+/// for SDXL, the added text/time conditioning. A plain `&Tensor` converts into a context
+/// without added conditioning (SD1.x / SD2.x).
+#[derive(Debug, Clone, Copy)]
+pub struct TextContext<'a> {
+    /// `[B, tokens, D]`.
+    pub hidden: &'a Tensor,
+    pub added: Option<&'a AddedConditioning>,
+}
+
+impl<'a> From<&'a Tensor> for TextContext<'a> {
+    fn from(hidden: &'a Tensor) -> Self {
+        Self {
+            hidden,
+            added: None,
+        }
     }
 }
 
@@ -179,16 +214,21 @@ impl UNet2DConditionModel {
     }
 
     /// Predicts the model output for `sample` `[B, C, h, w]` at `timestep` given the text
-    /// `context` `[B, tokens, D]`, with whatever `injections` the caller supplies.
-    pub fn forward(
+    /// `context` (`[B, tokens, D]`, with SDXL's added conditioning where the UNet has an added
+    /// embedding), with whatever `injections` the caller supplies.
+    pub fn forward<'c>(
         &self,
         sample: &Tensor,
         timestep: f64,
-        context: &Tensor,
+        context: impl Into<TextContext<'c>>,
         injections: &Injections,
     ) -> Result<Tensor> {
+        let TextContext {
+            hidden: context,
+            added,
+        } = context.into();
         let _param_cache = cuda_ops::DeviceParamCache::enable(sample.device());
-        let temb = self.encoder.time_embedding(timestep, sample)?;
+        let temb = self.encoder.time_embedding(timestep, sample, added)?;
         let ip = injections.ip_layers;
         let (mut xs, mut skips) = self.encoder.down(
             self.encoder.conv_in(sample)?,
