@@ -30,3 +30,6 @@ mod pipeline_lora;
 
 #[path = "parity_sdxl.rs"]
 mod parity_sdxl;
+
+#[path = "pipeline_embedding.rs"]
+mod pipeline_embedding;

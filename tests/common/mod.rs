@@ -144,7 +144,7 @@ pub const PIPELINE_TOLERANCE: f32 = 5e-4;
 
 /// Writes and runs a recipe for the diffusers case `reference/{case}.safetensors` (the
 /// tiny SD1.5 base, the case's prompt, DDIM 4 steps, CFG 7.5, its initial latents) with
-/// extra models, images and `generate` keys (which may replace `guidance`); checks and
+/// extra models, images and `generate` keys (which may replace `guidance`, and `prompt` with `negative_prompt`); checks and
 /// returns the final latents.
 pub fn run_generate_case(
     case: &str,
@@ -172,9 +172,7 @@ nodes:
   gen:
     generate:
       base: base
-      prompt: "a cozy house at dusk"
-      negative_prompt: "lowres, blurry"
-      size: [128, 128]
+{prompts}      size: [128, 128]
       steps: 4
       scheduler: {{kind: ddim}}
 {guidance}      latents: init.safetensors
@@ -184,6 +182,12 @@ outputs:
 "#,
         base = fx("tiny-sd15"),
         // Cases may set their own guidance; the fixtures' default is 7.5.
+        // Cases may set their own prompts; the fixtures' default is the house at dusk.
+        prompts = if generate_yaml.contains("      prompt:") {
+            ""
+        } else {
+            "      prompt: \"a cozy house at dusk\"\n      negative_prompt: \"lowres, blurry\"\n"
+        },
         guidance = if generate_yaml.contains("      guidance:") {
             ""
         } else {

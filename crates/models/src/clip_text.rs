@@ -115,6 +115,31 @@ impl ClipTextModel {
         &self.config
     }
 
+    /// Puts `rows` `[n, hidden]` at token ids `first_id..first_id + n` of the token embedding
+    /// (textual inversion), as diffusers' `resize_token_embeddings` then assignment: rows from
+    /// `first_id` on are replaced.
+    pub fn set_token_rows(&mut self, first_id: usize, rows: &Tensor) -> Result<()> {
+        let weight = self.token_embedding.embeddings();
+        let hidden = weight.dim(1)?;
+        if rows.dim(1)? != hidden {
+            candle_core::bail!(
+                "embedding vectors of width {} for a text encoder of width {hidden}",
+                rows.dim(1)?
+            );
+        }
+        let kept = weight.narrow(0, 0, first_id.min(weight.dim(0)?))?;
+        if kept.dim(0)? != first_id {
+            candle_core::bail!(
+                "new token id {first_id} is past the text encoder's {} token rows",
+                weight.dim(0)?
+            );
+        }
+        let rows = rows.to_dtype(weight.dtype())?.to_device(weight.device())?;
+        let weight = Tensor::cat(&[&kept, &rows], 0)?;
+        self.token_embedding = Embedding::new(weight, hidden);
+        Ok(())
+    }
+
     fn causal_mask(n: usize, dtype: DType, device: &Device) -> Result<Tensor> {
         let mask: Vec<f32> = (0..n)
             .flat_map(|i| (0..n).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))

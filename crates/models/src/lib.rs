@@ -7,6 +7,7 @@ pub mod clip_vision;
 pub use clip_encoder::Activation;
 pub mod controlnet;
 pub mod depth_anything;
+pub mod embedding;
 pub mod error;
 pub mod folder;
 pub mod ip_adapter;

@@ -51,6 +51,8 @@ pub enum TokenizerError {
     },
     #[error("tokenizer file {path}: {reason}")]
     Format { path: PathBuf, reason: String },
+    #[error("the token {0:?} is already a word of the tokenizer (choose another `token:`)")]
+    TokenExists(String),
     #[error("the {role} token {token:?} is not in the vocabulary {path}")]
     MissingSpecialToken {
         role: &'static str,
@@ -136,6 +138,9 @@ pub struct ClipTokenizer {
     max_len: usize,
     /// BPE result per byte-mapped word; prompts repeat words a lot.
     word_cache: Mutex<HashMap<String, Vec<u32>>>,
+    /// Added words with several tokens (textual inversion): word → its tokens, space-separated,
+    /// substituted in the text before tokenising (diffusers' `maybe_convert_prompt`).
+    expansions: Vec<(String, String)>,
 }
 
 impl ClipTokenizer {
@@ -217,7 +222,60 @@ impl ClipTokenizer {
             unk_id,
             max_len: settings.max_len,
             word_cache: Mutex::new(HashMap::new()),
+            expansions: Vec::new(),
         })
+    }
+
+    /// The next unused id: the vocabulary and every added token come before it.
+    pub fn len(&self) -> usize {
+        let vocab = self
+            .vocab
+            .values()
+            .copied()
+            .max()
+            .map_or(0, |m| m as usize + 1);
+        let added = self
+            .special_tokens
+            .iter()
+            .map(|t| t.id as usize + 1)
+            .max()
+            .unwrap_or(0);
+        vocab.max(added)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Adds `tokens` as new words (ids from [`Self::len`] on, in order) matched in the
+    /// normalised text, as transformers' `add_tokens`; with several tokens, the first one in a
+    /// prompt stands for all of them. Returns the first new id; an existing token is an error.
+    pub fn add_word(&mut self, tokens: &[String]) -> Result<u32, TokenizerError> {
+        let first = self.len() as u32;
+        for token in tokens {
+            let normalized = self.normalize(token);
+            if self.vocab.contains_key(&format!("{normalized}</w>"))
+                || self.special_tokens.iter().any(|t| t.content == normalized)
+            {
+                return Err(TokenizerError::TokenExists(token.clone()));
+            }
+        }
+        for (i, token) in tokens.iter().enumerate() {
+            let content = self.normalize(token);
+            self.special_tokens.push(SpecialToken {
+                content,
+                id: first + i as u32,
+                matches_normalized_text: true,
+            });
+        }
+        self.special_tokens
+            .sort_by_key(|token| std::cmp::Reverse(token.content.len()));
+        if let [word, _, ..] = tokens {
+            self.expansions.push((word.clone(), tokens.join(" ")));
+            self.expansions
+                .sort_by_key(|(w, _)| std::cmp::Reverse(w.len()));
+        }
+        Ok(first)
     }
 
     /// The number of ids `encode` returns (the text encoder's context length).
@@ -246,12 +304,21 @@ impl ClipTokenizer {
         let content_budget = self.max_len - 2;
         let mut ids = Vec::with_capacity(self.max_len);
         ids.push(self.bos_id);
-        let mut content = self.content_ids(text);
+        let mut content = self.content_ids(&self.expand(text));
         content.truncate(content_budget);
         ids.extend(content);
         ids.push(self.eos_id);
         ids.resize(self.max_len, self.pad_id);
         Ok(ids)
+    }
+
+    /// `text` with each multi-vector word replaced by all its tokens.
+    fn expand(&self, text: &str) -> String {
+        let mut text = text.to_string();
+        for (word, tokens) in &self.expansions {
+            text = text.replace(word.as_str(), tokens);
+        }
+        text
     }
 
     /// The ids of `text` without BOS/EOS, truncation or padding.

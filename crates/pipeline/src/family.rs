@@ -63,6 +63,8 @@ pub struct Family {
     pub adapters: bool,
     /// Whether LoRAs are supported on it (parity tests for this family).
     pub loras: bool,
+    /// Whether textual-inversion embeddings are supported on it (parity tests for this family).
+    pub embeddings: bool,
 }
 
 pub const SD15: Family = Family {
@@ -74,6 +76,7 @@ pub const SD15: Family = Family {
     single_file: true,
     adapters: true,
     loras: true,
+    embeddings: true,
 };
 
 pub const SD2: Family = Family {
@@ -92,6 +95,7 @@ pub const SDXL: Family = Family {
     single_file: false,
     adapters: false,
     loras: false,
+    embeddings: false,
 };
 
 impl Family {

@@ -108,6 +108,31 @@ impl BaseModel {
         })
     }
 
+    /// Adds textual-inversion `embeddings` (token, vectors) as new words of the tokenizer and
+    /// rows of the text encoder's token embedding, in order, as diffusers'
+    /// `load_textual_inversion` does; those of another width are skipped (the plan refuses
+    /// prompts that use them).
+    pub fn add_embeddings(
+        &mut self,
+        embeddings: &[(&str, &ipcompose_models::embedding::TextualInversion)],
+    ) -> Result<()> {
+        if !self.kind.family().embeddings {
+            return Ok(());
+        }
+        for (token, embedding) in embeddings {
+            if embedding.width() != self.text_encoder.config().hidden_size {
+                continue;
+            }
+            let first = self
+                .tokenizer
+                .add_word(&embedding.tokens(token))
+                .map_err(|e| PipelineError::Plan(format!("{}: {e}", embedding.path.display())))?;
+            self.text_encoder
+                .set_token_rows(first as usize, &embedding.vectors)?;
+        }
+        Ok(())
+    }
+
     /// Loads a diffusers folder directly (library use, without a recipe); its family is read
     /// from the folder ([`BaseKind::detect`]).
     pub fn from_folder(root: &Path, device: &Device, dtype: DType) -> Result<Self> {

@@ -96,6 +96,15 @@ pub struct LoraUse {
     pub scale: f64,
 }
 
+/// A model of `kind: embedding` (textual inversion), read at plan time.
+#[derive(Debug, Clone)]
+pub struct EmbeddingPlan {
+    pub file: PathBuf,
+    /// The word prompts use for it.
+    pub token: String,
+    pub embedding: ipcompose_models::embedding::TextualInversion,
+}
+
 /// A model of `kind: lora`, checked at plan time (format, which base it fits).
 #[derive(Debug, Clone)]
 pub struct LoraModelPlan {
@@ -163,6 +172,9 @@ pub struct Plan {
     pub ip_models: BTreeMap<String, IpModelPlan>,
     pub control_models: BTreeMap<String, ControlModelSource>,
     pub lora_models: BTreeMap<String, LoraModelPlan>,
+    /// Textual-inversion embeddings: every one is added to the tokenizer and text encoder of
+    /// each base whose width it fits.
+    pub embeddings: BTreeMap<String, EmbeddingPlan>,
     /// Named input images, resolved to files that exist.
     pub images: BTreeMap<String, PathBuf>,
     /// Preprocessor nodes, each after the node it reads.
@@ -233,8 +245,13 @@ impl Plan {
         let mut ip_models = BTreeMap::new();
         let mut control_models = BTreeMap::new();
         let mut lora_models = BTreeMap::new();
+        let mut embeddings = BTreeMap::new();
         let mut preprocessor_models = BTreeMap::new();
         for (name, spec) in &recipe.models {
+            if spec.kind.eq_ignore_ascii_case("embedding") {
+                embeddings.insert(name.clone(), plan_embedding(&cx, name, spec, base_dir)?);
+                continue;
+            }
             if spec.kind.eq_ignore_ascii_case("lora") {
                 lora_models.insert(name.clone(), plan_lora_model(&cx, name, spec, base_dir)?);
                 continue;
@@ -269,7 +286,7 @@ impl Plan {
                 cx.error(
                     &["models", name, "kind"],
                     format!(
-                        "unknown model kind `{}` (supported: {}, ip-adapter, controlnet, t2i-adapter, lora, depth-anything, openpose)",
+                        "unknown model kind `{}` (supported: {}, ip-adapter, controlnet, t2i-adapter, lora, embedding, depth-anything, openpose)",
                         spec.kind,
                         BaseKind::NAMES
                     ),
@@ -462,6 +479,7 @@ impl Plan {
                     ip_models: &ip_models,
                     control_models: &control_models,
                     lora_models: &lora_models,
+                    embeddings: &embeddings,
                     images: &image_sources,
                 };
                 generations.push(plan_generate(&cx, name, spec, &known, base_dir)?);
@@ -533,6 +551,7 @@ impl Plan {
             ip_models,
             control_models,
             lora_models,
+            embeddings,
             images,
             preprocessors,
             generations,
@@ -669,6 +688,7 @@ struct Known<'a> {
     ip_models: &'a BTreeMap<String, IpModelPlan>,
     control_models: &'a BTreeMap<String, ControlModelSource>,
     lora_models: &'a BTreeMap<String, LoraModelPlan>,
+    embeddings: &'a BTreeMap<String, EmbeddingPlan>,
     images: &'a BTreeMap<String, PathBuf>,
 }
 
@@ -793,6 +813,40 @@ fn plan_control(
         end,
         resize,
         kind,
+    })
+}
+
+/// A `kind: embedding` model: the file is read (a few kilobytes) for its vectors and token.
+fn plan_embedding(
+    cx: &Context,
+    name: &str,
+    spec: &ModelSpec,
+    base_dir: &Path,
+) -> Result<EmbeddingPlan> {
+    let at = ["models", name, "source"];
+    let file = resolve_model_source(&spec.source, spec.revision.as_deref(), base_dir)
+        .map_err(|e| cx.error(&at, e))?;
+    let embedding =
+        ipcompose_models::embedding::TextualInversion::open(&file).map_err(|e| cx.error(&at, e))?;
+    let stem = file
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| name.to_string());
+    let token = spec
+        .token
+        .clone()
+        .or_else(|| embedding.stored_token.clone())
+        .unwrap_or(stem);
+    if token.trim().is_empty() || token.contains(char::is_whitespace) {
+        return Err(cx.error(
+            &["models", name, "token"],
+            format!("token `{token}` must be one word"),
+        ));
+    }
+    Ok(EmbeddingPlan {
+        file,
+        token,
+        embedding,
     })
 }
 
@@ -1185,6 +1239,39 @@ fn plan_generate(
                 spec.clip_skip
             ),
         ));
+    }
+    // An embedding's word in a prompt: its width must be the base text encoder's.
+    for (model, e) in known.embeddings {
+        let prompts = [
+            ("prompt", Some(&spec.prompt)),
+            ("negative_prompt", spec.negative_prompt.as_ref()),
+        ];
+        for (field, text) in prompts {
+            if !text.is_some_and(|t| t.contains(e.token.as_str())) {
+                continue;
+            }
+            if !family.embeddings {
+                return Err(cx.error(
+                    &key(field),
+                    format!(
+                        "textual-inversion embeddings (`{}`) are not supported on {} bases yet",
+                        e.token, family.name
+                    ),
+                ));
+            }
+            let width = base.text_encoder.hidden_size;
+            if e.embedding.width() != width {
+                return Err(cx.error(
+                    &key(field),
+                    format!(
+                        "embedding `{model}` ({}) has vectors of width {}, but the text encoder of `{}` is {width} wide",
+                        e.token,
+                        e.embedding.width(),
+                        spec.base
+                    ),
+                ));
+            }
+        }
     }
     if !family.loras && !spec.loras.is_empty() {
         return Err(cx.error(

@@ -57,6 +57,10 @@ pub struct ModelSpec {
     /// their config.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub global_pool: Option<bool>,
+    /// Embeddings (`kind: embedding`): the word that stands for it in prompts; default the
+    /// token a diffusers file stores, else the file's stem.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
 }
 
 /// A node is a map with exactly one key naming what it does (`generate: {...}`,

@@ -127,15 +127,19 @@ impl<'o> Runner<'o> {
                     self.loaded
                         .retain(|k, _| k == &base || !k.starts_with(&format!("{base}+")));
                 }
-                self.loaded.insert(
-                    key.clone(),
-                    BaseModel::load_with_loras(
-                        base_plan,
-                        &generation.loras,
-                        &options.device,
-                        options.dtype,
-                    )?,
-                );
+                let mut model = BaseModel::load_with_loras(
+                    base_plan,
+                    &generation.loras,
+                    &options.device,
+                    options.dtype,
+                )?;
+                let embeddings: Vec<_> = plan
+                    .embeddings
+                    .values()
+                    .map(|e| (e.token.as_str(), &e.embedding))
+                    .collect();
+                model.add_embeddings(&embeddings)?;
+                self.loaded.insert(key.clone(), model);
             }
             let model = &self.loaded[&key];
             let conditions =
