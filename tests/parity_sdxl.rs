@@ -429,10 +429,10 @@ fn base_kind_and_folder_must_agree() {
     let err = plan_error("sdxl-on-sd15", "sdxl", "tiny-sd15", "");
     assert!(err.contains("is not an SDXL model"), "{err}");
     let err = plan_error(
-        "sdxl-ip-adapter",
+        "sdxl-controlnet",
         "sdxl",
         "tiny-sdxl",
-        "      ip_adapters:\n        - {model: ip, image: x}\n",
+        "      controls:\n        - {model: cn, image: x}\n",
     );
     assert!(err.contains("not supported on sdxl bases yet"), "{err}");
 }
@@ -455,4 +455,77 @@ fn sdxl_defaults_to_its_euler_scheduler_and_size() {
     let micro = g.micro_conditioning.expect("micro-conditioning resolved");
     assert_eq!(micro.time_ids(), [64.0, 64.0, 0.0, 0.0, 64.0, 64.0]);
     assert!(plan.models["base"].force_zeros_for_empty_prompt);
+}
+
+/// An IP-Adapter on the SDXL base through a recipe, against diffusers' `load_ip_adapter` +
+/// `set_ip_adapter_scale` (tests/fixtures/make_sdxl_adapter_fixtures.py): 17 cross-attention
+/// layers (transformer depth 2 in places), context width 80.
+fn sdxl_ip_case(case: &str, adapter: &str, image: &str, scale: &str) {
+    let r = reference(&format!("{case}.safetensors"));
+    let dir = scratch(&format!("sdxl-{case}-{}", std::process::id()));
+    candle_core::safetensors::save(
+        &std::collections::HashMap::from([("latents", get(&r, "init_latents").clone())]),
+        dir.join("init.safetensors"),
+    )
+    .unwrap();
+    let text = format!(
+        "version: 1\nmodels:\n  base: {{kind: sdxl, source: {}}}\n  ip: {{kind: ip-adapter, source: {}, image_encoder: {}}}\nimages:\n  ref: {}\nnodes:\n  gen:\n    generate:\n      base: base\n      prompt: \"a cozy house at dusk\"\n      negative_prompt: \"lowres, blurry\"\n      size: [64, 64]\n      steps: 4\n      guidance: 5\n      latents: init.safetensors\n      ip_adapters:\n        - {{model: ip, image: ref, scale: {scale}}}\noutputs:\n  - {{latents: gen, path: out.safetensors}}\n",
+        fx("tiny-sdxl"),
+        fx(&format!("ip-adapter/{adapter}")),
+        fx("ip-adapter/image_encoder"),
+        fx(&format!("ip-adapter/inputs/{image}")),
+    );
+    let plan = plan(&dir, &text).unwrap_or_else(|e| panic!("{e}"));
+    let written = ipcompose::pipeline::run_plan(&plan, &common::run_options(), &mut |_, _| {})
+        .unwrap_or_else(|e| panic!("{e}"));
+    let latents = candle_core::safetensors::load(&written[0], &candle_core::Device::Cpu).unwrap()
+        ["latents"]
+        .clone();
+    let expected = get(&r, "final_latents");
+    let diff = max_abs_diff(&latents, expected);
+    eprintln!(
+        "{case}: final latents max abs diff {diff:.2e} (max |x| {:.1})",
+        max_abs(expected)
+    );
+    let tolerance = common::bound(common::PIPELINE_TOLERANCE, expected);
+    assert!(diff < tolerance, "{case}: final latents differ by {diff}");
+}
+
+#[test]
+fn sdxl_plain_ip_adapter() {
+    sdxl_ip_case(
+        "sdxl_ipa_plain",
+        "ip-adapter_sdxl_tiny.safetensors",
+        "ref_a.png",
+        "0.6",
+    );
+}
+
+/// The plus (Resampler) adapter with the `style` preset: InstantStyle's SDXL block
+/// `up_blocks.0.attentions.1` (diffusers `{"up": {"block_0": [0.0, 1.0, 0.0]}}`).
+#[test]
+fn sdxl_plus_ip_adapter_with_the_style_preset() {
+    sdxl_ip_case(
+        "sdxl_ipa_plus_style",
+        "ip-adapter-plus_sdxl_tiny.safetensors",
+        "ref_b.png",
+        "style",
+    );
+}
+
+#[test]
+fn an_sd15_ip_adapter_on_the_sdxl_base_is_refused_naming_both_widths() {
+    let dir = scratch(&format!("sdxl-ipa-sd15-{}", std::process::id()));
+    let text = format!(
+        "version: 1\nmodels:\n  base: {{kind: sdxl, source: {}}}\n  ip: {{kind: ip-adapter, source: {}, image_encoder: {}}}\nimages:\n  ref: {}\nnodes:\n  gen:\n    generate:\n      base: base\n      prompt: x\n      ip_adapters: [{{model: ip, image: ref}}]\noutputs:\n  - {{latents: gen, path: out.safetensors}}\n",
+        fx("tiny-sdxl"),
+        fx("ip-adapter/ip-adapter_tiny.safetensors"),
+        fx("ip-adapter/image_encoder"),
+        fx("ip-adapter/inputs/ref_a.png"),
+    );
+    let err = plan(&dir, &text)
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(err.contains("32") && err.contains("80"), "{err}");
 }

@@ -58,8 +58,10 @@ pub struct Family {
     pub vae_upcast: bool,
     /// Whether the base's weights may come from one single-file checkpoint.
     pub single_file: bool,
-    /// Whether IP-Adapters, ControlNets and T2I-Adapters are supported on it (each has parity
-    /// tests for this family).
+    /// Whether IP-Adapters are supported on it (parity tests for this family).
+    pub ip_adapters: bool,
+    /// Whether ControlNets and T2I-Adapters are supported on it (each has parity tests for
+    /// this family).
     pub adapters: bool,
     /// Whether LoRAs are supported on it (parity tests for this family).
     pub loras: bool,
@@ -74,6 +76,7 @@ pub const SD15: Family = Family {
     default_scheduler: SchedulerKind::Ddim,
     vae_upcast: false,
     single_file: true,
+    ip_adapters: true,
     adapters: true,
     loras: true,
     embeddings: true,
@@ -93,6 +96,7 @@ pub const SDXL: Family = Family {
     default_scheduler: SchedulerKind::Euler,
     vae_upcast: true,
     single_file: false,
+    ip_adapters: true,
     adapters: false,
     loras: false,
     embeddings: false,

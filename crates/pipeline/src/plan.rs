@@ -1282,21 +1282,23 @@ fn plan_generate(
             ),
         ));
     }
-    if !family.adapters {
-        for (field, used) in [
-            ("ip_adapters", !spec.ip_adapters.is_empty()),
-            ("controls", !spec.controls.is_empty()),
-        ] {
-            if used {
-                return Err(cx.error(
-                    &key(field),
-                    format!(
-                        "IP-Adapters, ControlNets and T2I-Adapters are not supported on {} bases yet (`{}`); they work on sd15 and sd2 bases",
-                        family.name, spec.base
-                    ),
-                ));
-            }
-        }
+    if !family.ip_adapters && !spec.ip_adapters.is_empty() {
+        return Err(cx.error(
+            &key("ip_adapters"),
+            format!(
+                "IP-Adapters are not supported on {} bases yet (`{}`)",
+                family.name, spec.base
+            ),
+        ));
+    }
+    if !family.adapters && !spec.controls.is_empty() {
+        return Err(cx.error(
+            &key("controls"),
+            format!(
+                "ControlNets and T2I-Adapters are not supported on {} bases yet (`{}`); they work on sd15 and sd2 bases",
+                family.name, spec.base
+            ),
+        ));
     }
     let ip_adapters = spec
         .ip_adapters
