@@ -113,7 +113,7 @@ for pair in "f16 fp16" "bf16 bf16"; do
       log "parity $dt"
       echo "=== dtype $dt" >> "$OUT/parity-half.log"
       IPCOMPOSE_TEST_DEVICE=cuda IPCOMPOSE_TEST_DTYPE=$dt timeout "$(limit 60)" /tmp/gpu-bin/gpu_parity \
-        --nocapture --test-threads 4 --skip pytorch_bin --skip embed_command parity_sd15:: pipeline_ \
+        --nocapture --test-threads 4 --skip pytorch_bin --skip embed_command parity_sd15:: parity_sdxl:: pipeline_ \
         >> "$OUT/parity-half.log" 2>&1
       echo "exit $? ($dt)" >> "$OUT/parity-half.log"
       tail -2 "$OUT/parity-half.log"
