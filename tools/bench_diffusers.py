@@ -20,9 +20,9 @@ Each figure runs as diffusers' own pipelines run it:
                   them while loading), so this is less work than ipcompose's `load`.
 
 Usage (from the repository root):
-  /work/venv/bin/python tools/bench_diffusers.py --json --threads 2 --repeats 3 \
+  .venv/bin/python tools/bench_diffusers.py --json --threads 2 --repeats 3 \
       --figures unet_step,unet_step_ip,unet_step_cn1,unet_step_cn2,cn_skipped,load
-  /work/venv/bin/python tools/bench_diffusers.py --compare ipcompose.jsonl diffusers.jsonl
+  .venv/bin/python tools/bench_diffusers.py --compare ipcompose.jsonl diffusers.jsonl
 """
 
 import argparse

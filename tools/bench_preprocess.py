@@ -26,8 +26,8 @@ post-processings see about the same peaks ("candidates", "people" in the JSON li
 map's cost does not depend on the weights. Nothing is downloaded.
 
 Usage (from the repository root):
-  /work/venv/bin/python tools/bench_preprocess.py --json --threads 2 --repeats 5
-  /work/venv/bin/python tools/bench_preprocess.py --compare ipcompose.jsonl python.jsonl
+  .venv/bin/python tools/bench_preprocess.py --json --threads 2 --repeats 5
+  .venv/bin/python tools/bench_preprocess.py --compare ipcompose.jsonl python.jsonl
 """
 
 import argparse
