@@ -12,10 +12,10 @@ mod common;
 use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor};
-use common::{fixtures, fx, get, max_abs, max_abs_diff, reference, scratch};
+use common::{fixtures, fx, get, max_abs, max_abs_diff, plan, reference, scratch};
 use ipcompose::models::unet::{AddedConditioning, Injections, TextContext};
-use ipcompose::pipeline::plan::{GenerationPlan, Plan};
-use ipcompose::pipeline::{BaseModel, Recipe};
+use ipcompose::pipeline::plan::GenerationPlan;
+use ipcompose::pipeline::BaseModel;
 
 /// Final latents of the 4-step Euler runs with CFG 5 (|x| up to ~19).
 const LATENT_TOLERANCE: f32 = 1e-4;
@@ -236,13 +236,6 @@ fn case_recipe(c: &Case) -> String {
         "version: 1\nmodels:\n  base: {{kind: sdxl, source: {}}}\nnodes:\n  gen:\n    generate:\n{generate}outputs:\n  - {{latents: gen, path: out.safetensors}}\n",
         fx("tiny-sdxl")
     )
-}
-
-fn plan(dir: &std::path::Path, text: &str) -> ipcompose::pipeline::Result<Plan> {
-    let path = dir.join("recipe.yaml");
-    std::fs::write(&path, text).unwrap();
-    let recipe = Recipe::parse(text, &path)?;
-    Plan::build(&recipe, text, &path, dir)
 }
 
 /// Runs a case through `ipcompose run`'s path (recipe → plan → run) and checks the final

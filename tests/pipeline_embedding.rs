@@ -107,10 +107,7 @@ fn an_embedding_of_another_width_is_refused_where_the_prompt_uses_it() {
         fx("tiny-sd15"),
         file.display()
     );
-    let path = dir.join("recipe.yaml");
-    std::fs::write(&path, &text).unwrap();
-    let recipe = ipcompose::pipeline::Recipe::parse(&text, &path).unwrap();
-    let message = ipcompose::pipeline::plan::Plan::build(&recipe, &text, &path, &dir)
+    let message = common::plan(&dir, &text)
         .err()
         .map(|e| e.to_string())
         .unwrap_or_default();

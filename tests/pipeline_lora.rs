@@ -91,10 +91,7 @@ fn error_with_lora(name: &str, tensors: &[(&str, Vec<usize>)], scale: f64) -> St
         fx("tiny-sd15"),
         file.display()
     );
-    let path = dir.join("recipe.yaml");
-    std::fs::write(&path, &text).unwrap();
-    let recipe = ipcompose::pipeline::Recipe::parse(&text, &path).unwrap();
-    let plan = match ipcompose::pipeline::plan::Plan::build(&recipe, &text, &path, &dir) {
+    let plan = match common::plan(&dir, &text) {
         Ok(plan) => plan,
         Err(e) => return e.to_string(),
     };
@@ -206,10 +203,7 @@ fn loras_on_an_sdxl_base_are_refused_at_plan_time() {
         fx("tiny-sdxl"),
         fx("lora/kohya_attn_te.safetensors")
     );
-    let path = dir.join("recipe.yaml");
-    std::fs::write(&path, &text).unwrap();
-    let recipe = ipcompose::pipeline::Recipe::parse(&text, &path).unwrap();
-    let message = ipcompose::pipeline::plan::Plan::build(&recipe, &text, &path, &dir)
+    let message = common::plan(&dir, &text)
         .err()
         .map(|e| e.to_string())
         .unwrap_or_default();

@@ -59,6 +59,17 @@ pub fn bound(f32_bound: f32, reference: &Tensor) -> f32 {
     }
 }
 
+/// Writes `text` as `dir/recipe.yaml` and plans it (relative paths against `dir`).
+pub fn plan(
+    dir: &std::path::Path,
+    text: &str,
+) -> ipcompose::pipeline::Result<ipcompose::pipeline::plan::Plan> {
+    let path = dir.join("recipe.yaml");
+    std::fs::write(&path, text).unwrap();
+    let recipe = ipcompose::pipeline::Recipe::parse(text, &path)?;
+    ipcompose::pipeline::plan::Plan::build(&recipe, text, &path, dir)
+}
+
 /// Run options for the test device and dtype (overwriting earlier outputs).
 pub fn run_options() -> ipcompose::pipeline::RunOptions {
     ipcompose::pipeline::RunOptions {

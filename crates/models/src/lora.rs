@@ -185,6 +185,7 @@ impl ModuleUpdate {
 }
 
 /// A LoRA-family file, read whole (LoRA files are megabytes, not gigabytes).
+#[derive(Debug)]
 pub struct LoraFile {
     pub path: PathBuf,
     pub format: LoraFormat,

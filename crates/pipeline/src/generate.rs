@@ -17,7 +17,7 @@ use crate::ip::{step_injections, PreparedIpAdapter};
 use crate::noise::SeededNoise;
 use crate::plan::{BaseModelPlan, GenerationPlan, InitialNoise, LoraUse};
 use crate::text::SecondTextEncoder;
-use ipcompose_models::lora::{Component, ComponentWeights, LoraFile, WeightPatches};
+use ipcompose_models::lora::{Component, ComponentWeights, WeightPatches};
 
 /// A frozen Stable Diffusion base model, loaded once and shared by every generation. Its
 /// prompt encoding is in `text.rs`.
@@ -278,8 +278,7 @@ fn lora_patches(plan: &BaseModelPlan, loras: &[LoraUse]) -> Result<(Patches, Pat
     ];
     let mut resolved = Vec::with_capacity(loras.len());
     for lora in loras {
-        let file = LoraFile::open(&lora.file)?;
-        resolved.push((file.resolve(&bases)?, lora.scale));
+        resolved.push((lora.lora.resolve(&bases)?, lora.scale));
     }
     let unet = WeightPatches::build(&resolved, Component::Unet, |n| unet_shape(n))?;
     let text = WeightPatches::build(&resolved, Component::TextEncoder, |n| text_shape(n))?;

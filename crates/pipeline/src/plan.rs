@@ -88,11 +88,11 @@ pub struct GenerationPlan {
     pub loras: Vec<LoraUse>,
 }
 
-/// A LoRA of a generation: its file and multiplier.
-#[derive(Debug, Clone, PartialEq)]
+/// A LoRA of a generation: its file (read once, at plan time) and multiplier.
+#[derive(Debug, Clone)]
 pub struct LoraUse {
     pub model: String,
-    pub file: PathBuf,
+    pub lora: std::sync::Arc<ipcompose_models::lora::LoraFile>,
     pub scale: f64,
 }
 
@@ -105,11 +105,10 @@ pub struct EmbeddingPlan {
     pub embedding: ipcompose_models::embedding::TextualInversion,
 }
 
-/// A model of `kind: lora`, checked at plan time (format, which base it fits).
+/// A model of `kind: lora`, read and checked at plan time (format, which base it fits).
 #[derive(Debug, Clone)]
 pub struct LoraModelPlan {
-    pub file: PathBuf,
-    pub summary: ipcompose_models::lora::LoraSummary,
+    pub lora: std::sync::Arc<ipcompose_models::lora::LoraFile>,
 }
 
 impl GenerationPlan {
@@ -869,8 +868,7 @@ fn plan_lora_model(
     }
     let lora = ipcompose_models::lora::LoraFile::open(&file).map_err(|e| cx.error(&at, e))?;
     Ok(LoraModelPlan {
-        file,
-        summary: lora.summary(),
+        lora: std::sync::Arc::new(lora),
     })
 }
 
@@ -900,7 +898,7 @@ fn plan_lora_use(
             format!("loras[{index}]: scale must be a number"),
         ));
     }
-    let summary = &model.summary;
+    let summary = &model.lora.summary();
     let expected = base.unet.cross_attention_dim;
     let second_encoder = summary
         .components
@@ -923,7 +921,7 @@ fn plan_lora_use(
     }
     Ok(LoraUse {
         model: spec.model.clone(),
-        file: model.file.clone(),
+        lora: model.lora.clone(),
         scale: spec.scale,
     })
 }
