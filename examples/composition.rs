@@ -100,14 +100,14 @@ fn main() -> anyhow::Result<()> {
     ipcompose::models::controlnet::check_compatible(&cn_config, model.unet.config())?;
     let controlnet =
         ControlNetModel::load_folder(controlnet_dir, &cn_config, None, dtype, &device)?;
-    let controlnet = PreparedControlNet {
-        model: Rc::new(controlnet),
-        hint: prepare_hint(hint, width, height, ResizeMode::Resize, &device)?,
-        step_scales: Strength::Curve(Curve { ramp: [1.0, 0.5] })
+    let controlnet = PreparedControlNet::single(
+        Rc::new(controlnet),
+        prepare_hint(hint, width, height, ResizeMode::Resize, &device)?,
+        Strength::Curve(Curve { ramp: [1.0, 0.5] })
             .per_step(&window(request.steps, 0.0, 0.8))
             .map_err(anyhow::Error::msg)?,
-        guess_mode: cn_config.global_pool_conditions,
-    };
+        cn_config.global_pool_conditions,
+    );
 
     let conditions = Conditions {
         ip_adapters: vec![ip],

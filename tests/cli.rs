@@ -380,6 +380,8 @@ fn inspect_names_each_checkpoint_kind() {
             "ControlNet (original single file)",
         ),
         ("t2i/tiny-full", "T2I-Adapter"),
+        ("controlnet/tiny-sdxl-union", "union of 6 condition types"),
+        ("t2i/tiny-sdxl-full", "FullXl adapter"),
         ("ip-adapter/image_encoder", "CLIP image encoder"),
         (
             "ip-adapter/ip-adapter-plus_tiny.safetensors",

@@ -31,5 +31,8 @@ mod pipeline_lora;
 #[path = "parity_sdxl.rs"]
 mod parity_sdxl;
 
+#[path = "parity_sdxl_control.rs"]
+mod parity_sdxl_control;
+
 #[path = "pipeline_embedding.rs"]
 mod pipeline_embedding;

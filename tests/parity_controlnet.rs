@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Tensor};
 use common::{fixtures, get, max_abs, max_abs_diff, reference, scratch};
 use ipcompose::models::controlnet::{
-    check_compatible, ControlNetConfig, ControlNetModel, ControlNetResiduals,
+    check_compatible, ControlCondition, ControlNetConfig, ControlNetModel, ControlNetResiduals,
 };
 use ipcompose::models::folder::DiffusersFolder;
 use ipcompose::models::single_file::controlnet_key_from_original;
@@ -85,8 +85,11 @@ fn run(
         get(r, "sample"),
         timestep(r),
         get(r, "context"),
-        get(r, "cond"),
-        scalar(r, "scale"),
+        &[ControlCondition {
+            image: get(r, "cond"),
+            union_type: None,
+            scale: scalar(r, "scale"),
+        }],
         guess_mode,
     )
     .unwrap()
@@ -404,8 +407,11 @@ fn bgr_controlnet_flips_the_control_image() {
             get(&r, "sample"),
             timestep(&r),
             get(&r, "context"),
-            &flipped,
-            scalar(&r, "scale"),
+            &[ControlCondition {
+                image: &flipped,
+                union_type: None,
+                scale: scalar(&r, "scale"),
+            }],
             false,
         )
         .unwrap();

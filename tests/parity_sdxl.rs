@@ -421,13 +421,6 @@ fn base_kind_and_folder_must_agree() {
     );
     let err = plan_error("sdxl-on-sd15", "sdxl", "tiny-sd15", "");
     assert!(err.contains("is not an SDXL model"), "{err}");
-    let err = plan_error(
-        "sdxl-controlnet",
-        "sdxl",
-        "tiny-sdxl",
-        "      controls:\n        - {model: cn, image: x}\n",
-    );
-    assert!(err.contains("not supported on sdxl bases yet"), "{err}");
 }
 
 #[test]

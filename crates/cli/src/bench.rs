@@ -518,7 +518,7 @@ impl Bench<'_> {
                     step_index,
                     &inputs.model_input,
                     TIMESTEP,
-                    &inputs.context,
+                    (&inputs.context).into(),
                     true,
                 )?;
                 let injections = Injections {
@@ -708,15 +708,15 @@ impl Bench<'_> {
         inputs: &StepInputs,
         end: f64,
     ) -> PreparedControlNet {
-        PreparedControlNet {
-            model: Rc::clone(model),
-            hint: inputs.hint.clone(),
-            step_scales: window(self.info.steps, 0.0, end)
+        PreparedControlNet::single(
+            Rc::clone(model),
+            inputs.hint.clone(),
+            window(self.info.steps, 0.0, end)
                 .into_iter()
                 .map(|active| if active { 1.0 } else { 0.0 })
                 .collect(),
-            guess_mode: false,
-        }
+            false,
+        )
     }
 
     fn measure(

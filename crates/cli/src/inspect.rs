@@ -111,7 +111,12 @@ fn inspect_folder(path: &Path) -> anyhow::Result<()> {
         .get("architectures")
         .map(|a| a.to_string())
         .unwrap_or_default();
-    let (kind, stem) = if class == "ControlNetModel" {
+    let controlnet_classes = [
+        "ControlNetModel",
+        "ControlNetUnionModel",
+        "ControlNetModel_Union",
+    ];
+    let (kind, stem) = if controlnet_classes.contains(&class) {
         ("ControlNet", "diffusion_pytorch_model")
     } else if class == "T2IAdapter" {
         ("T2I-Adapter", "diffusion_pytorch_model")
@@ -130,7 +135,7 @@ fn inspect_folder(path: &Path) -> anyhow::Result<()> {
         "ControlNet" => {
             let c = ipcompose::models::controlnet::ControlNetConfig::from_folder(path)?;
             format!(
-                ", {} (context {}), {} conditioning channels{}",
+                ", {} (context {}), {} conditioning channels{}{}",
                 base_of_context(c.encoder.cross_attention_dim),
                 c.encoder.cross_attention_dim,
                 c.conditioning_channels,
@@ -138,6 +143,14 @@ fn inspect_folder(path: &Path) -> anyhow::Result<()> {
                     ", pooled (shuffle)"
                 } else {
                     ""
+                },
+                match c.union {
+                    Some(u) => format!(
+                        ", union of {} condition types ({})",
+                        u.num_control_type,
+                        ipcompose::models::controlnet::union_type_names(u.num_control_type)
+                    ),
+                    None => String::new(),
                 }
             )
         }

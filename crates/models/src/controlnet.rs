@@ -1,6 +1,12 @@
 //! ControlNet (diffusers `ControlNetModel`): a copy of the UNet's encoder half that also reads a
 //! control image, and returns one residual per skip connection of the frozen UNet plus one for
-//! its mid block (`Injections::down_residuals` / `mid_residual`).
+//! its mid block (`Injections::down_residuals` / `mid_residual`). SDXL ControlNets also read the
+//! base's added text/time conditioning.
+//!
+//! Union models (diffusers `ControlNetUnionModel`, xinsir's `controlnet-union-sdxl-1.0` and
+//! ProMax) take several condition types in one model: each control image is tagged with its
+//! type, a small transformer fuses the images' pooled embeddings with the latents', and the
+//! set of types present is embedded onto the time embedding ([`UnionParts`]).
 //!
 //! Loads from a diffusers folder (`config.json` + `diffusion_pytorch_model.*`) or from an
 //! original single file (`control_*.pth` / `.safetensors`, keys under `control_model.` or bare),
@@ -19,8 +25,9 @@ use crate::single_file::{
     RenamedWeights, CONTROLNET_PREFIX,
 };
 use crate::unet::encoder::Encoder;
+use crate::unet::layers::{TimestepEmbedding, TimestepFeatures};
 use crate::unet::winograd::Conv3x3;
-use crate::unet::{DownBlockKind, IpKeyValue, UNetConfig};
+use crate::unet::{multi_head_attention, DownBlockKind, IpKeyValue, TextContext, UNetConfig};
 use crate::weights::{find_component_weights, WeightStore};
 
 /// Channel order the control image is expected in; `Bgr` models get it flipped.
@@ -44,6 +51,82 @@ struct RawControlNetFields {
     global_pool_conditions: bool,
     #[serde(default)]
     controlnet_conditioning_channel_order: Option<String>,
+    #[serde(default)]
+    num_control_type: Option<usize>,
+    #[serde(default)]
+    num_trans_channel: Option<usize>,
+    #[serde(default)]
+    num_trans_head: Option<usize>,
+    #[serde(default)]
+    num_trans_layer: Option<usize>,
+    #[serde(default)]
+    num_proj_channel: Option<usize>,
+    #[serde(default)]
+    addition_time_embed_dim: Option<usize>,
+}
+
+/// The union-only settings of a `ControlNetUnionModel` config (diffusers' defaults where absent).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UnionConfig {
+    /// Condition types the model knows (6 for xinsir's union model, 8 for ProMax).
+    pub num_control_type: usize,
+    /// Width of the fusion transformer (= the first block's width).
+    pub num_trans_channel: usize,
+    pub num_trans_head: usize,
+    pub num_trans_layer: usize,
+    /// Width of the per-condition offset added to its embedding (= the first block's width).
+    pub num_proj_channel: usize,
+    /// Sinusoid width of each entry of the control-type vector.
+    pub type_embed_dim: usize,
+}
+
+/// The condition types of xinsir's union models as diffusers documents them (`control_mode`),
+/// by the names a recipe uses; the first name of each index is the canonical one.
+pub const UNION_TYPES: &[(&str, usize)] = &[
+    ("openpose", 0),
+    ("pose", 0),
+    ("depth", 1),
+    ("hed", 2),
+    ("pidi", 2),
+    ("scribble", 2),
+    ("ted", 2),
+    ("softedge", 2),
+    ("canny", 3),
+    ("lineart", 3),
+    ("anime_lineart", 3),
+    ("mlsd", 3),
+    ("normal", 4),
+    ("segment", 5),
+    ("seg", 5),
+    ("tile", 6),
+    ("repaint", 7),
+    ("inpaint", 7),
+];
+
+/// The condition type names a union model with `num_control_type` types accepts.
+pub fn union_type_names(num_control_type: usize) -> String {
+    UNION_TYPES
+        .iter()
+        .filter(|(_, i)| *i < num_control_type)
+        .map(|(n, _)| *n)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The `control_mode` index of a union condition type named in a recipe, for a model with
+/// `num_control_type` types; the error lists the valid names.
+pub fn union_type_index(name: &str, num_control_type: usize) -> std::result::Result<usize, String> {
+    match UNION_TYPES.iter().find(|(n, _)| *n == name) {
+        Some((_, i)) if *i < num_control_type => Ok(*i),
+        Some((_, i)) => Err(format!(
+            "union condition type `{name}` (index {i}) needs a model with more than {num_control_type} types (ProMax has 8); this one knows: {}",
+            union_type_names(num_control_type)
+        )),
+        None => Err(format!(
+            "unknown union condition type `{name}` (valid: {})",
+            union_type_names(num_control_type)
+        )),
+    }
 }
 
 fn default_conditioning_channels() -> usize {
@@ -51,6 +134,7 @@ fn default_conditioning_channels() -> usize {
 }
 
 const DEFAULT_CONDITIONING_EMBEDDING_OUT_CHANNELS: [usize; 4] = [16, 32, 96, 256];
+const UNION_CONDITIONING_EMBEDDING_OUT_CHANNELS: [usize; 4] = [48, 96, 192, 384];
 
 #[derive(Debug, Clone)]
 pub struct ControlNetConfig {
@@ -63,6 +147,8 @@ pub struct ControlNetConfig {
     /// Shuffle-type models: every residual is averaged over space.
     pub global_pool_conditions: bool,
     pub channel_order: ChannelOrder,
+    /// `Some` for union models (`ControlNetUnionModel`).
+    pub union: Option<UnionConfig>,
     /// The file the config came from (`config.json`, or the single weight file), for messages.
     pub source: PathBuf,
 }
@@ -90,14 +176,49 @@ impl ControlNetConfig {
                 what: WHAT,
                 source,
             })?;
-        if let Some(class) = raw.class_name.as_deref() {
-            if class != "ControlNetModel" {
+        // xinsir's union folders say `ControlNetModel_Union` (their own class); diffusers reads
+        // them as `ControlNetUnionModel`.
+        let is_union = match raw.class_name.as_deref() {
+            None | Some("ControlNetModel") => false,
+            Some("ControlNetUnionModel") | Some("ControlNetModel_Union") => true,
+            Some(class) => {
                 return Err(err(format!(
-                    "`_class_name` is `{class}`, expected `ControlNetModel`"
+                "`_class_name` is `{class}`, expected `ControlNetModel` or `ControlNetUnionModel`"
+            )))
+            }
+        };
+        let encoder = UNetConfig::encoder_only_from_json_str(text, path, WHAT)?;
+        let union = if is_union {
+            let width = encoder.block_out_channels[0];
+            let union = UnionConfig {
+                num_control_type: raw.num_control_type.unwrap_or(6),
+                num_trans_channel: raw.num_trans_channel.unwrap_or(320),
+                num_trans_head: raw.num_trans_head.unwrap_or(8),
+                num_trans_layer: raw.num_trans_layer.unwrap_or(1),
+                num_proj_channel: raw.num_proj_channel.unwrap_or(320),
+                type_embed_dim: raw.addition_time_embed_dim.ok_or_else(|| {
+                    err("a union ControlNet needs `addition_time_embed_dim` (its control-type embedding uses it)".to_string())
+                })?,
+            };
+            if union.num_trans_channel != width || union.num_proj_channel != width {
+                return Err(err(format!(
+                    "`num_trans_channel` {} and `num_proj_channel` {} must equal the first block's width {width}",
+                    union.num_trans_channel, union.num_proj_channel
                 )));
             }
-        }
-        let encoder = UNetConfig::encoder_only_from_json_str(text, path, WHAT)?;
+            if union.num_control_type == 0
+                || union.num_trans_head == 0
+                || !union.num_trans_channel.is_multiple_of(union.num_trans_head)
+            {
+                return Err(err(format!(
+                    "`num_control_type` {} / `num_trans_head` {} do not fit a fusion transformer of width {}",
+                    union.num_control_type, union.num_trans_head, union.num_trans_channel
+                )));
+            }
+            Some(union)
+        } else {
+            None
+        };
         let channel_order = match raw.controlnet_conditioning_channel_order.as_deref() {
             None | Some("rgb") => ChannelOrder::Rgb,
             Some("bgr") => ChannelOrder::Bgr,
@@ -107,9 +228,20 @@ impl ControlNetConfig {
                 )))
             }
         };
-        let conditioning_embedding_out_channels = raw
-            .conditioning_embedding_out_channels
-            .unwrap_or_else(|| DEFAULT_CONDITIONING_EMBEDDING_OUT_CHANNELS.to_vec());
+        let conditioning_embedding_out_channels =
+            raw.conditioning_embedding_out_channels.unwrap_or_else(|| {
+                if union.is_some() {
+                    UNION_CONDITIONING_EMBEDDING_OUT_CHANNELS.to_vec()
+                } else {
+                    DEFAULT_CONDITIONING_EMBEDDING_OUT_CHANNELS.to_vec()
+                }
+            });
+        if union.is_some() && channel_order != ChannelOrder::Rgb {
+            return Err(err(
+                "a union ControlNet takes RGB control images only (diffusers refuses `bgr`)"
+                    .to_string(),
+            ));
+        }
         if conditioning_embedding_out_channels.is_empty() {
             return Err(err(
                 "`conditioning_embedding_out_channels` is empty".to_string()
@@ -124,6 +256,7 @@ impl ControlNetConfig {
             conditioning_embedding_out_channels,
             global_pool_conditions: raw.global_pool_conditions,
             channel_order,
+            union,
             source: path.to_path_buf(),
         })
     }
@@ -248,6 +381,145 @@ impl Module for ConditioningEmbedding {
     }
 }
 
+/// One block of the union models' fusion transformer (OpenAI CLIP's `ResidualAttentionBlock`:
+/// pre-norm `nn.MultiheadAttention` and a QuickGELU MLP).
+///
+/// Its `nn.MultiheadAttention` is not batch-first, but is given `[batch, conditions, C]`: it
+/// attends across the *batch* for each condition slot (with guidance, the unconditional and
+/// conditional rows see each other). Kept as diffusers and xinsir's code compute it.
+struct FusionBlock {
+    ln_1: candle_nn::LayerNorm,
+    in_proj: candle_nn::Linear,
+    out_proj: candle_nn::Linear,
+    ln_2: candle_nn::LayerNorm,
+    c_fc: candle_nn::Linear,
+    c_proj: candle_nn::Linear,
+    heads: usize,
+}
+
+impl FusionBlock {
+    fn new(vb: VarBuilder, width: usize, heads: usize) -> candle_core::Result<Self> {
+        let attn = vb.pp("attn");
+        let in_proj = candle_nn::Linear::new(
+            attn.get((3 * width, width), "in_proj_weight")?,
+            Some(attn.get(3 * width, "in_proj_bias")?),
+        );
+        Ok(Self {
+            ln_1: candle_nn::layer_norm(width, 1e-5, vb.pp("ln_1"))?,
+            in_proj,
+            out_proj: candle_nn::linear(width, width, attn.pp("out_proj"))?,
+            ln_2: candle_nn::layer_norm(width, 1e-5, vb.pp("ln_2"))?,
+            c_fc: candle_nn::linear(width, 4 * width, vb.pp("mlp").pp("c_fc"))?,
+            c_proj: candle_nn::linear(4 * width, width, vb.pp("mlp").pp("c_proj"))?,
+            heads,
+        })
+    }
+
+    /// `xs` `[B, L, C]`.
+    fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        let width = xs.dim(2)?;
+        // Sequence = the batch axis: attend over dim 0 for each of the L slots.
+        let seq_first = self.ln_1.forward(xs)?.transpose(0, 1)?.contiguous()?;
+        let qkv = self.in_proj.forward(&seq_first)?;
+        let q = qkv.narrow(2, 0, width)?.contiguous()?;
+        let k = qkv.narrow(2, width, width)?.contiguous()?;
+        let v = qkv.narrow(2, 2 * width, width)?.contiguous()?;
+        let attended = multi_head_attention(&q, &k, &v, self.heads)?;
+        let attended = self.out_proj.forward(&attended)?.transpose(0, 1)?;
+        let xs = (xs + attended)?;
+        let h = self.c_fc.forward(&self.ln_2.forward(&xs)?)?;
+        let h = (&h * candle_nn::ops::sigmoid(&(&h * 1.702)?)?)?;
+        xs + self.c_proj.forward(&h)?
+    }
+}
+
+/// What a union model has besides a plain ControlNet.
+struct UnionParts {
+    config: UnionConfig,
+    /// `[num_control_type, C]`: added to each condition's pooled embedding.
+    task_embedding: Tensor,
+    /// `transformer_layes` (sic, diffusers' name).
+    fusion: Vec<FusionBlock>,
+    spatial_ch_projs: candle_nn::Linear,
+    control_type_proj: TimestepFeatures,
+    control_add_embedding: TimestepEmbedding,
+}
+
+impl UnionParts {
+    fn new(
+        vb: &VarBuilder,
+        config: UnionConfig,
+        encoder: &UNetConfig,
+        time_embed_dim: usize,
+    ) -> candle_core::Result<Self> {
+        let width = config.num_trans_channel;
+        Ok(Self {
+            task_embedding: vb.get((config.num_control_type, width), "task_embedding")?,
+            fusion: (0..config.num_trans_layer)
+                .map(|i| {
+                    FusionBlock::new(
+                        vb.pp("transformer_layes").pp(i),
+                        width,
+                        config.num_trans_head,
+                    )
+                })
+                .collect::<candle_core::Result<Vec<_>>>()?,
+            spatial_ch_projs: candle_nn::linear(
+                width,
+                config.num_proj_channel,
+                vb.pp("spatial_ch_projs"),
+            )?,
+            control_type_proj: TimestepFeatures::new(
+                config.type_embed_dim,
+                encoder.flip_sin_to_cos,
+                encoder.freq_shift,
+                vb.device(),
+            )?,
+            control_add_embedding: TimestepEmbedding::new(
+                vb.pp("control_add_embedding"),
+                config.type_embed_dim * config.num_control_type,
+                time_embed_dim,
+            )?,
+            config,
+        })
+    }
+
+    /// The embedding of the set of condition types present, `[batch, 4·C0]`: each entry of
+    /// the 0/1 type vector as sinusoids, concatenated, through `control_add_embedding`.
+    fn type_embedding(
+        &self,
+        types: &[usize],
+        batch: usize,
+        like: &Tensor,
+    ) -> candle_core::Result<Tensor> {
+        let mut present = vec![0f32; self.config.num_control_type];
+        for &t in types {
+            present[t] = 1.0;
+        }
+        let present = Tensor::from_vec(present, self.config.num_control_type, like.device())?;
+        let features = self
+            .control_type_proj
+            .forward(&present)?
+            .reshape((1, self.config.num_control_type * self.config.type_embed_dim))?
+            .to_dtype(like.dtype())?;
+        self.control_add_embedding
+            .forward(&features)?
+            .broadcast_as((batch, like.dim(1)?))?
+            .contiguous()
+    }
+}
+
+/// One control image for one ControlNet evaluation.
+#[derive(Debug, Clone, Copy)]
+pub struct ControlCondition<'a> {
+    /// `[1 or B, conditioning_channels, 8h, 8w]` in [0, 1].
+    pub image: &'a Tensor,
+    /// Union models: the condition's type index (`control_mode`); `None` for plain models.
+    pub union_type: Option<usize>,
+    /// This condition's conditioning scale at this step.
+    pub scale: f64,
+}
+
 pub struct ControlNetModel {
     config: ControlNetConfig,
     encoder: Encoder,
@@ -256,6 +528,7 @@ pub struct ControlNetModel {
     down_convs: Vec<Conv2d>,
     /// `controlnet_mid_block`.
     mid_conv: Conv2d,
+    union: Option<UnionParts>,
 }
 
 /// ControlNets never see image-prompt tokens (diffusers passes them text embeddings only).
@@ -294,12 +567,17 @@ impl ControlNetModel {
             Default::default(),
             vb.pp("controlnet_mid_block"),
         )?;
+        let union = config
+            .union
+            .map(|u| UnionParts::new(&vb, u, cfg, 4 * cfg.block_out_channels[0]))
+            .transpose()?;
         Ok(Self {
             config: config.clone(),
             encoder,
             cond_embedding,
             down_convs,
             mid_conv,
+            union,
         })
     }
 
@@ -332,42 +610,127 @@ impl ControlNetModel {
         &self.config
     }
 
-    /// Residuals for the UNet at `timestep`, given the (scaled) latents `sample` `[B, C, h, w]`,
-    /// the text `context` `[B, tokens, D]` and the control image `[B, conditioning_channels,
-    /// 8h, 8w]` in [0, 1] (batch 1 broadcasts).
-    ///
-    /// As diffusers' `ControlNetModel.forward`: every residual × `conditioning_scale`; in
-    /// guess mode the down residuals are weighted 0.1 … 1.0 geometrically (the mid one 1.0),
-    /// except for `global_pool_conditions` models, which diffusers scales uniformly. Running
-    /// only the conditional half under guidance is the caller's part.
-    pub fn forward(
-        &self,
-        sample: &Tensor,
-        timestep: f64,
-        context: &Tensor,
-        cond_image: &Tensor,
-        conditioning_scale: f64,
-        guess_mode: bool,
-    ) -> candle_core::Result<ControlNetResiduals> {
-        let _param_cache = crate::unet::cuda_ops::DeviceParamCache::enable(sample.device());
-        let cond_image = match self.config.channel_order {
-            ChannelOrder::Rgb => cond_image.clone(),
-            ChannelOrder::Bgr => cond_image.flip(&[1])?,
+    /// The control image embedded to the first block's width, checked against the latents'.
+    fn embed_condition(&self, image: &Tensor, like: &Tensor) -> candle_core::Result<Tensor> {
+        let image = match self.config.channel_order {
+            ChannelOrder::Rgb => image.clone(),
+            ChannelOrder::Bgr => image.flip(&[1])?,
         };
-        let temb = self.encoder.time_embedding(timestep, sample, None)?;
-        let xs = self.encoder.conv_in(sample)?;
-        let hint = self.cond_embedding.forward(&cond_image)?;
-        if hint.dims()[1..] != xs.dims()[1..] {
+        let hint = self.cond_embedding.forward(&image)?;
+        if hint.dims()[1..] != like.dims()[1..] {
             candle_core::bail!(
                 "the control image {:?} embeds to {:?}, but the latents give {:?}: the control \
                  image must be {}× the latent size",
-                cond_image.dims(),
+                image.dims(),
                 hint.dims(),
-                xs.dims(),
+                like.dims(),
                 1usize << (self.config.conditioning_embedding_out_channels.len() - 1)
             );
         }
-        let xs = xs.broadcast_add(&hint)?;
+        Ok(hint)
+    }
+
+    /// Residuals for the UNet at `timestep`, given the (scaled) latents `sample` `[B, C, h, w]`,
+    /// the text `context` (`[B, tokens, D]`, with the base's added conditioning for SDXL) and
+    /// the control images (batch 1 broadcasts).
+    ///
+    /// A plain ControlNet takes exactly one condition, without a type. As diffusers'
+    /// `ControlNetModel.forward`: every residual × the condition's scale; in guess mode the
+    /// down residuals are weighted 0.1 … 1.0 geometrically (the mid one 1.0), except for
+    /// `global_pool_conditions` models, which diffusers scales uniformly. Running only the
+    /// conditional half under guidance is the caller's part.
+    ///
+    /// A union model takes one or more typed conditions, as diffusers'
+    /// `ControlNetUnionModel.forward` with `control_mode` = their types: with one condition
+    /// the residuals are scaled as a plain model's; with several, each condition's embedding
+    /// is scaled instead and the residuals are not (diffusers' `from_multi=False`).
+    pub fn forward<'c>(
+        &self,
+        sample: &Tensor,
+        timestep: f64,
+        context: impl Into<TextContext<'c>>,
+        conditions: &[ControlCondition],
+        guess_mode: bool,
+    ) -> candle_core::Result<ControlNetResiduals> {
+        let TextContext {
+            hidden: context,
+            added,
+        } = context.into();
+        let _param_cache = crate::unet::cuda_ops::DeviceParamCache::enable(sample.device());
+        let mut temb = self.encoder.time_embedding(timestep, sample, added)?;
+        let xs = self.encoder.conv_in(sample)?;
+        let (xs, residual_scale) = match (&self.union, conditions) {
+            (None, [condition]) => {
+                if condition.union_type.is_some() {
+                    candle_core::bail!(
+                        "a condition type was given to a ControlNet that is not a union model"
+                    );
+                }
+                let hint = self.embed_condition(condition.image, &xs)?;
+                (xs.broadcast_add(&hint)?, Some(condition.scale))
+            }
+            (None, _) => candle_core::bail!(
+                "a ControlNet takes one control image per evaluation, got {}",
+                conditions.len()
+            ),
+            (Some(union), _) => {
+                let types = conditions
+                    .iter()
+                    .map(|c| {
+                        c.union_type.filter(|&t| t < union.config.num_control_type).ok_or_else(|| {
+                            candle_core::Error::Msg(format!(
+                                "a union ControlNet needs a condition type below {} for each control image",
+                                union.config.num_control_type
+                            ))
+                        })
+                    })
+                    .collect::<candle_core::Result<Vec<_>>>()?;
+                if types.is_empty() {
+                    candle_core::bail!("a union ControlNet needs at least one control image");
+                }
+                if guess_mode {
+                    candle_core::bail!("guess mode is not supported for union ControlNets");
+                }
+                let batch = xs.dim(0)?;
+                let type_embedding = union.type_embedding(&types, batch, &temb)?;
+                temb = (temb + type_embedding)?;
+                let several = conditions.len() > 1;
+                let mut slots = Vec::with_capacity(conditions.len() + 1);
+                let mut embedded = Vec::with_capacity(conditions.len());
+                for (condition, &t) in conditions.iter().zip(&types) {
+                    let hint = self.embed_condition(condition.image, &xs)?;
+                    let hint = hint.broadcast_as(xs.shape())?.contiguous()?;
+                    let pooled = hint
+                        .mean((2, 3))?
+                        .broadcast_add(&union.task_embedding.get(t)?.unsqueeze(0)?)?;
+                    if several {
+                        slots.push((pooled * condition.scale)?);
+                        embedded.push((hint * condition.scale)?);
+                    } else {
+                        slots.push(pooled);
+                        embedded.push(hint);
+                    }
+                }
+                slots.push(xs.mean((2, 3))?);
+                let mut fused = Tensor::stack(&slots, 1)?;
+                for block in &union.fusion {
+                    fused = block.forward(&fused)?;
+                }
+                let mut fuser = xs.zeros_like()?;
+                for (i, (hint, condition)) in embedded.iter().zip(conditions).enumerate() {
+                    let alpha = union.spatial_ch_projs.forward(&fused.get_on_dim(1, i)?)?;
+                    let alpha = if several {
+                        (alpha * condition.scale)?
+                    } else {
+                        alpha
+                    };
+                    let alpha = alpha.unsqueeze(2)?.unsqueeze(3)?;
+                    fuser = (fuser + hint.broadcast_add(&alpha)?)?;
+                }
+                let xs = (&xs + fuser)?;
+                (xs, (!several).then(|| conditions[0].scale))
+            }
+        };
         let (xs, skips) = self.encoder.down(xs, &temb, context, NO_IP, None)?;
         let mid = self.encoder.mid_block.forward(&xs, &temb, context, NO_IP)?;
 
@@ -378,18 +741,24 @@ impl ControlNetModel {
             .collect::<candle_core::Result<Vec<_>>>()?;
         let mid = self.mid_conv.forward(&mid)?;
 
-        let weights = residual_weights(
-            down.len(),
-            conditioning_scale,
-            guess_mode,
-            self.config.global_pool_conditions,
-        );
-        let mut down = down
-            .iter()
-            .zip(&weights)
-            .map(|(r, &w)| r.affine(w, 0.0))
-            .collect::<candle_core::Result<Vec<_>>>()?;
-        let mut mid = mid.affine(weights[weights.len() - 1], 0.0)?;
+        let (mut down, mut mid) = match residual_scale {
+            Some(scale) => {
+                let weights = residual_weights(
+                    down.len(),
+                    scale,
+                    guess_mode,
+                    self.config.global_pool_conditions,
+                );
+                let down = down
+                    .iter()
+                    .zip(&weights)
+                    .map(|(r, &w)| r.affine(w, 0.0))
+                    .collect::<candle_core::Result<Vec<_>>>()?;
+                let mid = mid.affine(weights[weights.len() - 1], 0.0)?;
+                (down, mid)
+            }
+            None => (down, mid),
+        };
         if self.config.global_pool_conditions {
             for r in down.iter_mut() {
                 *r = r.mean_keepdim((2, 3))?;
@@ -587,6 +956,7 @@ fn config_from_tensors(
         conditioning_embedding_out_channels,
         global_pool_conditions,
         channel_order: ChannelOrder::Rgb,
+        union: None,
         source: path.to_path_buf(),
     })
 }

@@ -1,6 +1,7 @@
-//! T2I-Adapter (diffusers `T2IAdapter`, `full_adapter` and `light_adapter`): a small conv net
-//! that turns a control image into one feature per UNet down level, added inside the down
-//! blocks (`Injections::down_block_features`).
+//! T2I-Adapter (diffusers `T2IAdapter`: `full_adapter`, `light_adapter` and SDXL's
+//! `full_adapter_xl`): a small conv net that turns a control image into one feature per UNet
+//! down level, added inside the down blocks (`Injections::down_block_features`; the XL
+//! adapter's last feature goes to the mid block's output).
 
 use std::path::{Path, PathBuf};
 
@@ -22,6 +23,9 @@ pub enum AdapterType {
     /// `light_adapter`: per level a 1×1 conv to a quarter width, 3×3 residual blocks, a 1×1 conv
     /// back; one more level than `channels` entries.
     Light,
+    /// `full_adapter_xl` (SDXL): the full adapter's blocks, but only the third level
+    /// downsamples (features at 1, 1, 2, 2 × the unshuffle factor for four levels).
+    FullXl,
 }
 
 #[derive(Debug, Deserialize)]
@@ -101,17 +105,26 @@ impl T2IAdapterConfig {
         let adapter_type = match raw.adapter_type.as_str() {
             "full_adapter" => AdapterType::Full,
             "light_adapter" => AdapterType::Light,
-            "full_adapter_xl" => {
-                return Err(err(
-                    "`adapter_type: full_adapter_xl` (SDXL) is not supported yet".to_string(),
-                ))
-            }
+            "full_adapter_xl" => AdapterType::FullXl,
             other => {
                 return Err(err(format!(
-                    "unknown `adapter_type` `{other}` (full_adapter, light_adapter)"
-                )))
+                "unknown `adapter_type` `{other}` (full_adapter, light_adapter, full_adapter_xl)"
+            )))
             }
         };
+        // diffusers' FullAdapterXL: level i ≥ 3 takes `channels[i]` in, so it must follow a
+        // level of that width.
+        if adapter_type == AdapterType::FullXl {
+            if let Some(i) =
+                (3..raw.channels.len()).find(|&i| raw.channels[i] != raw.channels[i - 1])
+            {
+                return Err(err(format!(
+                    "`channels` {:?}: a full_adapter_xl level {i} must keep the width of level {}",
+                    raw.channels,
+                    i - 1
+                )));
+            }
+        }
         if raw.channels.is_empty() {
             return Err(err("`channels` is empty".to_string()));
         }
@@ -149,7 +162,10 @@ impl T2IAdapterConfig {
     /// How much smaller than the control image each feature is.
     pub fn feature_downscales(&self) -> Vec<usize> {
         (0..self.feature_channels().len())
-            .map(|i| self.downscale_factor << i)
+            .map(|i| match self.adapter_type {
+                AdapterType::FullXl => self.downscale_factor << usize::from(i >= 2),
+                AdapterType::Full | AdapterType::Light => self.downscale_factor << i,
+            })
             .collect()
     }
 }
@@ -168,14 +184,22 @@ pub fn check_compatible(adapter: &T2IAdapterConfig, base: &UNetConfig) -> Result
     };
     let channels = adapter.feature_channels();
     let levels = base.block_out_channels.len();
-    if channels.len() > levels {
+    // One feature per down block, and at most one more for the mid block's output (diffusers
+    // adds a leftover feature there when its shape matches: SDXL's `full_adapter_xl`).
+    if channels.len() > levels + 1 {
         return mismatch(
             "feature levels",
             channels.len().to_string(),
-            levels.to_string(),
+            format!(
+                "{levels} (one per down block) or {} (and the mid block)",
+                levels + 1
+            ),
         );
     }
-    let expected_channels = &base.block_out_channels[..channels.len()];
+    let deepest = base.block_out_channels[levels - 1];
+    let expected_channels: Vec<usize> = (0..channels.len())
+        .map(|i| base.block_out_channels.get(i).copied().unwrap_or(deepest))
+        .collect();
     if channels != expected_channels {
         return mismatch(
             "feature channels",
@@ -183,9 +207,13 @@ pub fn check_compatible(adapter: &T2IAdapterConfig, base: &UNetConfig) -> Result
             format!("{expected_channels:?}"),
         );
     }
-    // A cross-attention block takes its feature before downsampling, a plain block after.
+    // A cross-attention block takes its feature before downsampling, a plain block after; the
+    // mid block works at the deepest level's size.
     let expected_downscales: Vec<usize> = (0..channels.len())
         .map(|i| {
+            if i >= levels {
+                return LATENT_DOWNSCALE << (levels - 1);
+            }
             let after_downsampler = base.down_blocks[i] == DownBlockKind::Plain && i + 1 < levels;
             LATENT_DOWNSCALE << (i + usize::from(after_downsampler))
         })
@@ -394,6 +422,26 @@ impl T2IAdapter {
                 }
                 (Some(conv_in), levels)
             }
+            AdapterType::FullXl => {
+                let cfg = Conv2dConfig {
+                    padding: 1,
+                    ..Default::default()
+                };
+                let conv_in = conv2d(unshuffled, channels[0], 3, cfg, vb.pp("conv_in"))?;
+                // diffusers' FullAdapterXL: level 1 widens, level 2 widens and downsamples,
+                // the others keep their width.
+                let levels = (0..channels.len())
+                    .map(|i| {
+                        let (in_c, down) = match i {
+                            1 => (channels[0], false),
+                            2 => (channels[1], true),
+                            _ => (channels[i], false),
+                        };
+                        Level::full(body(i), in_c, channels[i], res_blocks, down)
+                    })
+                    .collect::<candle_core::Result<Vec<_>>>()?;
+                (Some(conv_in), levels)
+            }
             AdapterType::Light => {
                 let mut levels = vec![Level::light(
                     body(0),
@@ -523,8 +571,21 @@ mod tests {
         UNetConfig::from_json_str(text, Path::new("unet/config.json")).unwrap()
     }
 
+    fn sdxl_unet() -> UNetConfig {
+        let text = r#"{
+            "block_out_channels": [320, 640, 1280],
+            "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+            "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+            "layers_per_block": 2, "cross_attention_dim": 2048, "attention_head_dim": [5, 10, 20],
+            "transformer_layers_per_block": [1, 2, 10], "use_linear_projection": true,
+            "addition_embed_type": "text_time", "addition_time_embed_dim": 256,
+            "projection_class_embeddings_input_dim": 2816
+        }"#;
+        UNetConfig::from_json_str(text, Path::new("unet/config.json")).unwrap()
+    }
+
     #[test]
-    fn sd15_adapters_fit_sd15_and_xl_is_refused() {
+    fn each_adapter_type_fits_its_family_only() {
         let full = config(r#"{"_class_name": "T2IAdapter"}"#).unwrap();
         check_compatible(&full, &sd15_unet()).unwrap();
         let light = config(
@@ -533,8 +594,24 @@ mod tests {
         .unwrap();
         assert_eq!(light.feature_channels(), [320, 640, 1280, 1280]);
         check_compatible(&light, &sd15_unet()).unwrap();
-        let xl = config(r#"{"adapter_type": "full_adapter_xl"}"#).unwrap_err();
-        assert!(xl.to_string().contains("full_adapter_xl"));
+        // TencentARC/t2i-adapter-*-sdxl-1.0: four features for three down blocks + the mid block.
+        let xl = config(
+            r#"{"adapter_type": "full_adapter_xl", "channels": [320, 640, 1280, 1280], "downscale_factor": 16}"#,
+        )
+        .unwrap();
+        assert_eq!(xl.feature_downscales(), [16, 16, 32, 32]);
+        check_compatible(&xl, &sdxl_unet()).unwrap();
+        let message = check_compatible(&xl, &sd15_unet()).unwrap_err().to_string();
+        assert!(message.contains("feature downscale factors"), "{message}");
+        // The SD1.5 adapter's widths happen to fit; its sizes do not.
+        let message = check_compatible(&full, &sdxl_unet())
+            .unwrap_err()
+            .to_string();
+        assert!(message.contains("[8, 16, 32, 64]"), "{message}");
+        let bad = config(r#"{"adapter_type": "full_adapter_xl", "channels": [8, 16, 16, 32]}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(bad.contains("level 3"), "{bad}");
     }
 
     #[test]

@@ -4,8 +4,9 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
-use ipcompose_models::controlnet::{ControlNetConfig, ControlNetModel};
+use ipcompose_models::controlnet::{ControlCondition, ControlNetConfig, ControlNetModel};
 use ipcompose_models::t2i_adapter::{T2IAdapter, T2IAdapterConfig};
+use ipcompose_models::unet::{AddedConditioning, TextContext};
 
 use crate::clip_image::load_rgb;
 use crate::error::Result;
@@ -142,6 +143,8 @@ pub enum ControlKind {
     ControlNet {
         plan: Box<ControlNetPlan>,
         guess_mode: bool,
+        /// Union models: the condition type index (`control_mode`).
+        union_type: Option<usize>,
     },
     T2IAdapter {
         plan: T2IAdapterPlan,
@@ -164,15 +167,43 @@ pub struct ControlUse {
     pub kind: ControlKind,
 }
 
-/// A ControlNet ready for the loop.
-pub struct PreparedControlNet {
-    pub model: std::rc::Rc<ControlNetModel>,
+/// One control image of a prepared ControlNet.
+pub struct PreparedCondition {
     /// `[1, 3, H, W]`; broadcast over the batch.
     pub hint: Tensor,
-    /// Conditioning scale per step; 0 = not run.
+    /// Union models: the condition type (`control_mode`).
+    pub union_type: Option<usize>,
+    /// Conditioning scale per step; 0 = inactive.
     pub step_scales: Vec<f64>,
+}
+
+/// A ControlNet ready for the loop: one condition, or for a union model every control of the
+/// generation that names it (evaluated together, as diffusers' `control_mode` list).
+pub struct PreparedControlNet {
+    pub model: std::rc::Rc<ControlNetModel>,
+    pub conditions: Vec<PreparedCondition>,
     /// Guess mode, forced for `global_pool_conditions` models as diffusers does.
     pub guess_mode: bool,
+}
+
+impl PreparedControlNet {
+    /// A plain ControlNet with one hint.
+    pub fn single(
+        model: std::rc::Rc<ControlNetModel>,
+        hint: Tensor,
+        step_scales: Vec<f64>,
+        guess_mode: bool,
+    ) -> Self {
+        Self {
+            model,
+            conditions: vec![PreparedCondition {
+                hint,
+                union_type: None,
+                step_scales,
+            }],
+            guess_mode,
+        }
+    }
 }
 
 /// T2I features, computed once; each step uses them times that step's weight.
@@ -189,31 +220,69 @@ pub fn t2i_active_at(step: usize, steps: usize, start: f64, end: f64, factor: f6
 }
 
 /// Summed ControlNet residuals for one step: `(down, mid)`, or `None` when none is active.
-/// Outside its window a ControlNet is not run at all.
+/// Outside its window a ControlNet is not run at all. A union model with several conditions
+/// runs while any of them is active, the inactive ones with scale 0 (as diffusers, which keeps
+/// every condition in the call); `context` carries SDXL's added conditioning, narrowed with
+/// the latents to the conditional half in guess mode.
 pub fn controlnet_residuals(
     controlnets: &[PreparedControlNet],
     step: usize,
     model_input: &Tensor,
     timestep: f64,
-    context: &Tensor,
+    context: TextContext,
     guided: bool,
 ) -> Result<Option<(Vec<Tensor>, Tensor)>> {
     let mut sum: Option<(Vec<Tensor>, Tensor)> = None;
     for cn in controlnets {
-        let scale = cn.step_scales.get(step).copied().unwrap_or(0.0);
-        if scale == 0.0 {
+        let scales: Vec<f64> = cn
+            .conditions
+            .iter()
+            .map(|c| c.step_scales.get(step).copied().unwrap_or(0.0))
+            .collect();
+        if scales.iter().all(|&s| s == 0.0) {
             continue;
         }
         // Guess mode under guidance: only the conditional half, zeros for the other half.
         let cond_only = cn.guess_mode && guided;
-        let (input, ctx) = if cond_only {
-            (model_input.narrow(0, 1, 1)?, context.narrow(0, 1, 1)?)
+        let narrowed_added;
+        let (input, hidden, added) = if cond_only {
+            narrowed_added = context
+                .added
+                .map(|a| -> Result<AddedConditioning> {
+                    Ok(AddedConditioning {
+                        text_embeds: a.text_embeds.narrow(0, 1, 1)?,
+                        time_ids: a.time_ids.narrow(0, 1, 1)?,
+                    })
+                })
+                .transpose()?;
+            (
+                model_input.narrow(0, 1, 1)?,
+                context.hidden.narrow(0, 1, 1)?,
+                narrowed_added.as_ref(),
+            )
         } else {
-            (model_input.clone(), context.clone())
+            (model_input.clone(), context.hidden.clone(), context.added)
         };
-        let out = cn
-            .model
-            .forward(&input, timestep, &ctx, &cn.hint, scale, cn.guess_mode)?;
+        let conditions: Vec<ControlCondition> = cn
+            .conditions
+            .iter()
+            .zip(&scales)
+            .map(|(c, &scale)| ControlCondition {
+                image: &c.hint,
+                union_type: c.union_type,
+                scale,
+            })
+            .collect();
+        let out = cn.model.forward(
+            &input,
+            timestep,
+            TextContext {
+                hidden: &hidden,
+                added,
+            },
+            &conditions,
+            cn.guess_mode,
+        )?;
         let pad = |t: Tensor| -> Result<Tensor> {
             if cond_only {
                 Ok(Tensor::cat(&[&t.zeros_like()?, &t], 0)?)

@@ -97,7 +97,7 @@ pub const SDXL: Family = Family {
     vae_upcast: true,
     single_file: false,
     ip_adapters: true,
-    adapters: false,
+    adapters: true,
     loras: false,
     embeddings: false,
 };

@@ -379,12 +379,16 @@ pub fn denoise(
             .scale_model_input(&model_input, step)?
             .to_dtype(model_dtype)?;
         let ip_layers = step_injections(&conditions.ip_adapters, step);
+        let context = TextContext {
+            hidden: &text.context,
+            added: conditions.added.as_ref(),
+        };
         let residuals = controlnet_residuals(
             &conditions.controlnets,
             step,
             &model_input,
             t,
-            &text.context,
+            context,
             text.guided,
         )?;
         let features = t2i_features(&conditions.t2i_adapters, step)?;
@@ -393,10 +397,6 @@ pub fn denoise(
             down_residuals: residuals.as_ref().map(|(down, _)| down.as_slice()),
             mid_residual: residuals.as_ref().map(|(_, mid)| mid),
             down_block_features: features.as_deref(),
-        };
-        let context = TextContext {
-            hidden: &text.context,
-            added: conditions.added.as_ref(),
         };
         let prediction = unet
             .forward(&model_input, t, context, &injections)?

@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use ipcompose_models::clip_text::ClipTextConfig;
-use ipcompose_models::controlnet::ControlNetConfig;
+use ipcompose_models::controlnet::{union_type_index, union_type_names, ControlNetConfig};
 use ipcompose_models::folder::DiffusersFolder;
 use ipcompose_models::t2i_adapter::T2IAdapterConfig;
 use ipcompose_models::unet::UNetConfig;
@@ -755,6 +755,43 @@ fn plan_control(
                 .map_err(model_error)?;
             config
         };
+        let guess_mode = spec.guess_mode.unwrap_or(false);
+        let union_type = match (&config.union, &spec.union_type) {
+            (None, None) => None,
+            (None, Some(_)) => {
+                return Err(cx.error(
+                    &at("type"),
+                    format!(
+                        "controls[{index}]: `type` is for union ControlNets; `{}` is a plain ControlNet",
+                        spec.model
+                    ),
+                ))
+            }
+            (Some(union), None) => {
+                return Err(cx.error(
+                    &at("model"),
+                    format!(
+                        "controls[{index}]: `{}` is a union ControlNet: name the image's condition `type:` ({})",
+                        spec.model,
+                        union_type_names(union.num_control_type)
+                    ),
+                ));
+            }
+            (Some(union), Some(name)) => {
+                if guess_mode {
+                    return Err(cx.error(
+                        &at("guess_mode"),
+                        format!(
+                            "controls[{index}]: guess mode is not supported for union ControlNets (diffusers' union pipeline fails with it)"
+                        ),
+                    ));
+                }
+                Some(
+                    union_type_index(name, union.num_control_type)
+                        .map_err(|e| cx.error(&at("type"), format!("controls[{index}]: {e}")))?,
+                )
+            }
+        };
         ControlKind::ControlNet {
             plan: Box::new(ControlNetPlan {
                 source: source.source.clone(),
@@ -762,11 +799,15 @@ fn plan_control(
                 variant: source.variant.clone(),
                 config,
             }),
-            guess_mode: spec.guess_mode.unwrap_or(false),
+            guess_mode,
+            union_type,
         }
     } else {
         if spec.guess_mode.is_some() {
             return Err(cx.error(&at("guess_mode"), "`guess_mode` is for ControlNets"));
+        }
+        if spec.union_type.is_some() {
+            return Err(cx.error(&at("type"), "`type` is for union ControlNets"));
         }
         let config = T2IAdapterConfig::from_folder(&source.source).map_err(model_error)?;
         ipcompose_models::t2i_adapter::check_compatible(&config, &base.unet)

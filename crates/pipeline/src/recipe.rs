@@ -400,6 +400,9 @@ pub struct ControlSpec {
     /// ControlNet guess mode.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub guess_mode: Option<bool>,
+    /// Union ControlNets: the condition type of this image (`canny`, `depth`, `openpose`, …).
+    #[serde(default, rename = "type", skip_serializing_if = "Option::is_none")]
+    pub union_type: Option<String>,
     /// T2I-Adapter: the fraction of steps it applies to (default 1.0).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub factor: Option<f64>,

@@ -17,7 +17,8 @@ use std::path::PathBuf;
 use std::rc::Rc;
 
 use crate::control::{
-    load_controlnet, load_t2i_adapter, prepare_hint, ControlKind, PreparedControlNet, PreparedT2I,
+    load_controlnet, load_t2i_adapter, prepare_hint, ControlKind, PreparedCondition,
+    PreparedControlNet, PreparedT2I,
 };
 use ipcompose_models::controlnet::ControlNetModel;
 use ipcompose_models::t2i_adapter::T2IAdapter;
@@ -274,19 +275,35 @@ fn prepare_conditions(
             ControlKind::ControlNet {
                 plan: cn,
                 guess_mode,
+                union_type,
             } => {
                 let key = (control.model.clone(), generation.base.clone());
                 if !cache.controlnets.contains_key(&key) {
                     let model = load_controlnet(cn, options.dtype, &options.device)?;
                     cache.controlnets.insert(key.clone(), Rc::new(model));
                 }
-                conditions.controlnets.push(PreparedControlNet {
-                    model: cache.controlnets[&key].clone(),
+                let model = cache.controlnets[&key].clone();
+                let condition = PreparedCondition {
                     hint,
+                    union_type: *union_type,
                     step_scales: control.step_scales.clone(),
-                    // diffusers forces guess mode for models that pool their conditions.
-                    guess_mode: *guess_mode || cn.config.global_pool_conditions,
+                };
+                // A union model's controls are evaluated together, in recipe order.
+                let joined = union_type.is_some().then(|| {
+                    conditions
+                        .controlnets
+                        .iter_mut()
+                        .find(|prepared| Rc::ptr_eq(&prepared.model, &model))
                 });
+                match joined.flatten() {
+                    Some(prepared) => prepared.conditions.push(condition),
+                    None => conditions.controlnets.push(PreparedControlNet {
+                        model,
+                        conditions: vec![condition],
+                        // diffusers forces guess mode for models that pool their conditions.
+                        guess_mode: *guess_mode || cn.config.global_pool_conditions,
+                    }),
+                }
             }
             ControlKind::T2IAdapter { plan: t2i, .. } => {
                 if !cache.t2i_adapters.contains_key(&control.model) {

@@ -251,6 +251,10 @@ impl Encoder {
         }
     }
 
+    pub(crate) fn down_block_count(&self) -> usize {
+        self.down_blocks.len()
+    }
+
     pub(crate) fn conv_in(&self, sample: &Tensor) -> Result<Tensor> {
         self.conv_in.forward(sample)
     }

@@ -121,7 +121,8 @@ pub struct Injections<'a> {
     pub down_residuals: Option<&'a [Tensor]>,
     /// Added to the mid block output (ControlNet).
     pub mid_residual: Option<&'a Tensor>,
-    /// Added inside the down blocks, one per block (T2I-Adapter).
+    /// Added inside the down blocks, one per block (T2I-Adapter); one more is added to the
+    /// mid block's output (SDXL's `full_adapter_xl`).
     pub down_block_features: Option<&'a [Tensor]>,
 }
 
@@ -252,6 +253,15 @@ impl UNet2DConditionModel {
         }
 
         xs = self.encoder.mid_block.forward(&xs, &temb, context, ip)?;
+        // A T2I-Adapter with one feature more than down blocks (SDXL's `full_adapter_xl`)
+        // adds the last one to the mid block's output, as diffusers does when shapes match
+        // (the planner checks they do).
+        if let Some(feature) = injections
+            .down_block_features
+            .and_then(|f| f.get(self.encoder.down_block_count()))
+        {
+            xs = xs.broadcast_add(feature)?;
+        }
         if let Some(residual) = injections.mid_residual {
             xs = xs.broadcast_add(residual)?;
         }
