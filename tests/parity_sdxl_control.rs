@@ -236,3 +236,22 @@ fn union_types_are_checked_at_plan_time() {
     );
     assert!(err.contains("`type` is for union ControlNets"), "{err}");
 }
+
+/// A single `.safetensors` ControlNet in diffusers' names (as SDXL ControlNets are often
+/// shared): its config comes from the tensors and the SDXL base, and it runs as its folder.
+#[test]
+fn sdxl_controlnet_single_file_equals_its_folder() {
+    let dir = scratch(&format!("sdxl-cn-single-{}", std::process::id()));
+    let file = dir.join("controlnet-tiny-sdxl.safetensors");
+    std::fs::copy(
+        common::fixtures().join("controlnet/tiny-sdxl-canny/diffusion_pytorch_model.safetensors"),
+        &file,
+    )
+    .unwrap();
+    sdxl_case(
+        "cn",
+        &format!("  cn: {{kind: controlnet, source: {}}}\n", file.display()),
+        &image("edges", "edges.png"),
+        "      controls:\n        - {model: cn, image: edges, scale: 0.8, end: 0.75}\n",
+    );
+}
