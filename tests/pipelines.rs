@@ -7,22 +7,29 @@ use std::process::Command;
 
 use common::{fx, scratch};
 
-/// The fixture standing in for each model kind.
-fn tiny_source(kind: &str, source: &str) -> Vec<(String, String)> {
+/// The fixture standing in for each model kind, for a recipe on an SDXL base or not.
+fn tiny_source(kind: &str, source: &str, sdxl: bool) -> Vec<(String, String)> {
     match kind {
         "sd15" => vec![("source".into(), fx("tiny-sd15"))],
+        "sdxl" => vec![("source".into(), fx("tiny-sdxl"))],
         "ip-adapter" => {
-            let file = if source.contains("plus") {
-                "ip-adapter/ip-adapter-plus_tiny.safetensors"
-            } else {
-                "ip-adapter/ip-adapter_tiny.safetensors"
+            let file = match (sdxl, source.contains("plus")) {
+                (false, true) => "ip-adapter/ip-adapter-plus_tiny.safetensors",
+                (false, false) => "ip-adapter/ip-adapter_tiny.safetensors",
+                (true, true) => "ip-adapter/ip-adapter-plus_sdxl_tiny.safetensors",
+                (true, false) => "ip-adapter/ip-adapter_sdxl_tiny.safetensors",
             };
             vec![
                 ("source".into(), fx(file)),
                 ("image_encoder".into(), fx("ip-adapter/image_encoder")),
             ]
         }
+        "controlnet" if sdxl && source.contains("union") => {
+            vec![("source".into(), fx("controlnet/tiny-sdxl-union"))]
+        }
+        "controlnet" if sdxl => vec![("source".into(), fx("controlnet/tiny-sdxl-canny"))],
         "controlnet" => vec![("source".into(), fx("controlnet/tiny-canny"))],
+        "t2i-adapter" if sdxl => vec![("source".into(), fx("t2i/tiny-sdxl-full"))],
         "t2i-adapter" => vec![("source".into(), fx("t2i/tiny-full"))],
         "depth-anything" => vec![("source".into(), fx("depth/tiny-hf"))],
         "openpose" => vec![("source".into(), fx("pose/tiny_body_pose.pth"))],
@@ -51,10 +58,12 @@ fn every_pipeline_recipe_runs_on_the_tiny_models() {
             recipe.file_stem().unwrap().to_string_lossy()
         ));
         let mut sets = Vec::new();
-        for (name, model) in yaml["models"].as_mapping().unwrap() {
+        let models = yaml["models"].as_mapping().unwrap();
+        let sdxl = models.values().any(|m| m["kind"].as_str() == Some("sdxl"));
+        for (name, model) in models {
             let name = name.as_str().unwrap();
             let kind = model["kind"].as_str().unwrap();
-            for (key, value) in tiny_source(kind, model["source"].as_str().unwrap()) {
+            for (key, value) in tiny_source(kind, model["source"].as_str().unwrap(), sdxl) {
                 sets.push(format!("models.{name}.{key}={value}"));
             }
         }
