@@ -6,37 +6,10 @@
 
 mod common;
 
-use common::{fx, get, max_abs, max_abs_diff, plan, reference, scratch};
+use common::{fx, plan, scratch};
 
-/// Runs the recipe case `case` (64×64, 4 Euler steps, guidance 5, the fixture's initial
-/// latents) with `models` and `images` added to the base's, and `extra` in the generate node;
-/// compares the final latents with diffusers'.
 fn sdxl_case(case: &str, models: &str, images: &str, extra: &str) {
-    let r = reference(&format!("sdxl_{case}.safetensors"));
-    let dir = scratch(&format!("sdxl-control-{case}-{}", std::process::id()));
-    candle_core::safetensors::save(
-        &std::collections::HashMap::from([("latents", get(&r, "init_latents").clone())]),
-        dir.join("init.safetensors"),
-    )
-    .unwrap();
-    let text = format!(
-        "version: 1\nmodels:\n  base: {{kind: sdxl, source: {}}}\n{models}images:\n{images}nodes:\n  gen:\n    generate:\n      base: base\n      prompt: \"a cozy house at dusk\"\n      negative_prompt: \"lowres, blurry\"\n      size: [64, 64]\n      steps: 4\n      guidance: 5\n      latents: init.safetensors\n{extra}outputs:\n  - {{latents: gen, path: out.safetensors}}\n",
-        fx("tiny-sdxl"),
-    );
-    let plan = plan(&dir, &text).unwrap_or_else(|e| panic!("{case}: {e}"));
-    let written = ipcompose::pipeline::run_plan(&plan, &common::run_options(), &mut |_, _| {})
-        .unwrap_or_else(|e| panic!("{case}: {e}"));
-    let latents = candle_core::safetensors::load(&written[0], &candle_core::Device::Cpu).unwrap()
-        ["latents"]
-        .clone();
-    let expected = get(&r, "final_latents");
-    let diff = max_abs_diff(&latents, expected);
-    eprintln!(
-        "sdxl_{case}: final latents max abs diff {diff:.2e} (max |x| {:.1})",
-        max_abs(expected)
-    );
-    let tolerance = common::bound(common::PIPELINE_TOLERANCE, expected);
-    assert!(diff < tolerance, "{case}: final latents differ by {diff}");
+    common::run_sdxl_case(&format!("sdxl_{case}"), models, images, extra);
 }
 
 fn controlnet_model() -> String {

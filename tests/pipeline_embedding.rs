@@ -118,3 +118,97 @@ fn an_embedding_of_another_width_is_refused_where_the_prompt_uses_it() {
         "{message}"
     );
 }
+
+/// An SDXL embedding (`clip_l` + `clip_g`) as diffusers loads it: the same word in both
+/// tokenizers, each encoder its own vectors (make_sdxl_embedding_fixtures.py).
+fn sdxl_glow() -> String {
+    format!(
+        "  glow: {{kind: embedding, source: {}, token: \"<glow>\"}}\n",
+        fx("embedding/sdxl-glow.safetensors")
+    )
+}
+
+#[test]
+fn an_sdxl_embedding_in_the_prompt() {
+    common::run_sdxl_case(
+        "sdxl_ti_prompt",
+        &sdxl_glow(),
+        "",
+        &prompts("a <glow> house at dusk", "lowres, blurry"),
+    );
+}
+
+#[test]
+fn an_sdxl_embedding_in_the_negative_prompt() {
+    common::run_sdxl_case(
+        "sdxl_ti_negative",
+        &sdxl_glow(),
+        "",
+        &prompts("a cozy house at dusk", "lowres, <glow>"),
+    );
+}
+
+#[test]
+fn sdxl_token_ids_match_diffusers_in_both_tokenizers() {
+    let mut model = ipcompose::pipeline::BaseModel::from_folder(
+        &common::fixtures().join("tiny-sdxl"),
+        &candle_core::Device::Cpu,
+        DType::F32,
+    )
+    .unwrap();
+    let glow = ipcompose::models::embedding::TextualInversion::open(
+        &common::fixtures().join("embedding/sdxl-glow.safetensors"),
+    )
+    .unwrap();
+    assert_eq!(glow.describe_widths(), "clip_l 32 + clip_g 48");
+    model.add_embeddings(&[("<glow>", &glow)]).unwrap();
+    let r = reference("sdxl_ti_prompt.safetensors");
+    let text = "a <glow> house at dusk";
+    let second = model.text_encoder_2.as_ref().unwrap();
+    for (ids, key) in [
+        (model.tokenizer.encode(text).unwrap(), "ids_1"),
+        (second.tokenizer.encode(text).unwrap(), "ids_2"),
+    ] {
+        let expected: Vec<u32> = get(&r, key)
+            .to_dtype(DType::U32)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert_eq!(ids, expected, "{key}");
+    }
+}
+
+#[test]
+fn embeddings_for_the_other_family_are_refused_naming_both_widths() {
+    let dir = common::scratch("ti-family");
+    let plan_error = |kind: &str, base: &str, models: String| {
+        let text = format!(
+            "version: 1\nmodels:\n  base: {{kind: {kind}, source: {}}}\n{models}nodes:\n  gen:\n    generate:\n      base: base\n      prompt: \"a <e> house\"\noutputs:\n  - {{latents: gen, path: out.safetensors}}\n",
+            fx(base),
+        );
+        common::plan(&dir, &text)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default()
+    };
+    let sd15_file = format!(
+        "  e: {{kind: embedding, source: {}, token: \"<e>\"}}\n",
+        fx("embedding/dusk.safetensors")
+    );
+    let message = plan_error("sdxl", "tiny-sdxl", sd15_file);
+    assert!(
+        message.contains("width 32") && message.contains("clip_l 32 + clip_g 48"),
+        "{message}"
+    );
+    let sdxl_file = format!(
+        "  e: {{kind: embedding, source: {}, token: \"<e>\"}}\n",
+        fx("embedding/sdxl-glow.safetensors")
+    );
+    let message = plan_error("sd15", "tiny-sd15", sdxl_file);
+    assert!(
+        message.contains("clip_l 32 + clip_g 48") && message.contains("32 wide"),
+        "{message}"
+    );
+}

@@ -227,3 +227,41 @@ outputs:
     );
     latents
 }
+
+/// Runs the SDXL recipe case `case` on `tiny-sdxl` (64×64, 4 Euler steps, guidance 5, the
+/// fixture's `init_latents`; prompts "a cozy house at dusk" / "lowres, blurry" unless
+/// `generate_yaml` sets its own) with `models_yaml` and `images_yaml` added, and compares the
+/// final latents with the reference's `final_latents`.
+#[allow(dead_code)]
+pub fn run_sdxl_case(case: &str, models_yaml: &str, images_yaml: &str, generate_yaml: &str) {
+    let r = reference(&format!("{case}.safetensors"));
+    let dir = scratch(&format!("sdxl-case-{case}-{}", std::process::id()));
+    candle_core::safetensors::save(
+        &HashMap::from([("latents", get(&r, "init_latents").clone())]),
+        dir.join("init.safetensors"),
+    )
+    .unwrap();
+    let prompts = if generate_yaml.contains("      prompt:") {
+        ""
+    } else {
+        "      prompt: \"a cozy house at dusk\"\n      negative_prompt: \"lowres, blurry\"\n"
+    };
+    let text = format!(
+        "version: 1\nmodels:\n  base: {{kind: sdxl, source: {}}}\n{models_yaml}images:\n{images_yaml}nodes:\n  gen:\n    generate:\n      base: base\n{prompts}      size: [64, 64]\n      steps: 4\n      guidance: 5\n      latents: init.safetensors\n{generate_yaml}outputs:\n  - {{latents: gen, path: out.safetensors}}\n",
+        fx("tiny-sdxl"),
+    );
+    let plan = plan(&dir, &text).unwrap_or_else(|e| panic!("{case}: {e}"));
+    let written = ipcompose::pipeline::run_plan(&plan, &run_options(), &mut |_, _| {})
+        .unwrap_or_else(|e| panic!("{case}: {e}"));
+    let latents = candle_core::safetensors::load(&written[0], &candle_core::Device::Cpu).unwrap()
+        ["latents"]
+        .clone();
+    let expected = get(&r, "final_latents");
+    let diff = max_abs_diff(&latents, expected);
+    eprintln!(
+        "{case}: final latents max abs diff {diff:.2e} (max |x| {:.1})",
+        max_abs(expected)
+    );
+    let tolerance = bound(PIPELINE_TOLERANCE, expected);
+    assert!(diff < tolerance, "{case}: final latents differ by {diff}");
+}

@@ -261,6 +261,11 @@ pub struct ClipTextModelWithProjection {
 }
 
 impl ClipTextModelWithProjection {
+    /// As [`ClipTextModel::set_token_rows`].
+    pub fn set_token_rows(&mut self, first_id: usize, rows: &Tensor) -> Result<()> {
+        self.text.set_token_rows(first_id, rows)
+    }
+
     /// `text_projection.weight` sits next to the `text_model` weights (with or without their
     /// `text_model.` prefix); its width is the config's `projection_dim`.
     pub fn new(vb: VarBuilder, cfg: &ClipTextConfig) -> Result<Self> {

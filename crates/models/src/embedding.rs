@@ -1,7 +1,7 @@
 //! Textual-inversion embeddings: new words for a CLIP text encoder, one or more vectors each,
 //! from the files people download: A1111 / original `.pt` (`string_to_param: {'*': [n, d]}`),
 //! A1111 `.safetensors` (`emb_params`), diffusers `learned_embeds.safetensors` / `.bin`
-//! (`{"<token>": [d]}`). SDXL files (`clip_l` / `clip_g`) are recognised and refused for now.
+//! (`{"<token>": [d]}`), and SDXL files (`clip_l` / `clip_g`: vectors for each text encoder).
 //!
 //! As diffusers' `load_textual_inversion`: a token `<t>` with n vectors becomes the tokenizer
 //! tokens `<t>`, `<t>_1` … `<t>_{n-1}` (the prompt's `<t>` is expanded to all of them) with new
@@ -17,7 +17,10 @@ use crate::error::{ModelError, Result};
 #[derive(Debug, Clone)]
 pub struct TextualInversion {
     pub path: PathBuf,
+    /// The vectors for the (first) text encoder; an SDXL file's `clip_l`.
     pub vectors: Tensor,
+    /// An SDXL file's `clip_g`: the vectors for the second text encoder (OpenCLIP bigG).
+    pub vectors_2: Option<Tensor>,
     /// The token a diffusers file stores its vectors under (`<cat-toy>`), which diffusers uses
     /// when no token is given.
     pub stored_token: Option<String>,
@@ -65,10 +68,45 @@ impl TextualInversion {
         };
         let names: Vec<&str> = tensors.iter().map(|(n, _)| n.as_str()).collect();
         if names.contains(&"clip_l") || names.contains(&"clip_g") {
-            return Err(bad(
-                "an SDXL embedding (`clip_l` / `clip_g`); SDXL embeddings are not supported yet"
-                    .into(),
-            ));
+            // SDXL (A1111 / civitai): one tensor per text encoder, used as diffusers'
+            // `load_textual_inversion(clip_l, text_encoder, tokenizer)` and
+            // `load_textual_inversion(clip_g, text_encoder_2, tokenizer_2)`.
+            let get = |name: &str| -> Result<Tensor> {
+                let t = tensors
+                    .iter()
+                    .find(|(n, _)| n == name)
+                    .map(|(_, t)| t.clone())
+                    .ok_or_else(|| {
+                        bad(format!(
+                            "an SDXL embedding needs both `clip_l` and `clip_g`; found {}",
+                            names.join(", ")
+                        ))
+                    })?;
+                let t = match t.rank() {
+                    1 => t.unsqueeze(0)?,
+                    2 => t,
+                    r => {
+                        return Err(bad(format!(
+                            "`{name}` has rank {r}; expected [vectors, width]"
+                        )))
+                    }
+                };
+                Ok(t.to_dtype(DType::F32)?)
+            };
+            let (clip_l, clip_g) = (get("clip_l")?, get("clip_g")?);
+            if clip_l.dims()[0] != clip_g.dims()[0] {
+                return Err(bad(format!(
+                    "`clip_l` has {} vectors and `clip_g` {}: an SDXL embedding needs the same count for both",
+                    clip_l.dims()[0],
+                    clip_g.dims()[0]
+                )));
+            }
+            return Ok(Self {
+                path: file,
+                vectors: clip_l,
+                vectors_2: Some(clip_g),
+                stored_token: None,
+            });
         }
         let stored_token = match tensors.as_slice() {
             [(name, _)] if name != "emb_params" && name != "*" => Some(name.clone()),
@@ -99,6 +137,7 @@ impl TextualInversion {
         Ok(Self {
             path: file,
             vectors: vectors.to_dtype(DType::F32)?,
+            vectors_2: None,
             stored_token,
         })
     }
@@ -112,9 +151,22 @@ impl TextualInversion {
         self.len() == 0
     }
 
-    /// The text encoder width the vectors are for.
+    /// The text encoder width the vectors are for (an SDXL file: the first encoder's).
     pub fn width(&self) -> usize {
         self.vectors.dims()[1]
+    }
+
+    /// An SDXL file's second width (`clip_g`).
+    pub fn width_2(&self) -> Option<usize> {
+        self.vectors_2.as_ref().map(|v| v.dims()[1])
+    }
+
+    /// The widths as a reader would say them: `768`, or `clip_l 768 + clip_g 1280`.
+    pub fn describe_widths(&self) -> String {
+        match self.width_2() {
+            Some(g) => format!("clip_l {} + clip_g {g}", self.width()),
+            None => self.width().to_string(),
+        }
     }
 
     /// The tokenizer tokens of `token`: `token`, `token_1`, … (diffusers' naming).

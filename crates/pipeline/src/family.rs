@@ -99,7 +99,7 @@ pub const SDXL: Family = Family {
     ip_adapters: true,
     adapters: true,
     loras: false,
-    embeddings: false,
+    embeddings: true,
 };
 
 impl Family {

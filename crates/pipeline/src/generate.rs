@@ -5,7 +5,7 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor};
 use ipcompose_models::clip_text::ClipTextModel;
 use ipcompose_models::folder::DiffusersFolder;
-use ipcompose_models::tokenizer::ClipTokenizer;
+use ipcompose_models::tokenizer::{ClipTokenizer, TokenizerError};
 use ipcompose_models::unet::{AddedConditioning, Injections, TextContext, UNet2DConditionModel};
 use ipcompose_models::vae::Vae;
 use ipcompose_schedulers::{build_scheduler, NoiseSource, Scheduler};
@@ -123,10 +123,21 @@ impl BaseModel {
             if embedding.width() != self.text_encoder.config().hidden_size {
                 continue;
             }
-            let first = self
-                .tokenizer
-                .add_word(&embedding.tokens(token))
-                .map_err(|e| PipelineError::Plan(format!("{}: {e}", embedding.path.display())))?;
+            let word_error = |e: TokenizerError| {
+                PipelineError::Plan(format!("{}: {e}", embedding.path.display()))
+            };
+            let tokens = embedding.tokens(token);
+            // An SDXL file's `clip_g` goes to the second encoder as the same word; a file for
+            // one encoder only fits a one-encoder base (the plan refuses the others' prompts).
+            match (&mut self.text_encoder_2, &embedding.vectors_2) {
+                (Some(second), Some(vectors_2)) => {
+                    let first = second.tokenizer.add_word(&tokens).map_err(word_error)?;
+                    second.encoder.set_token_rows(first as usize, vectors_2)?;
+                }
+                (None, None) => {}
+                _ => continue,
+            }
+            let first = self.tokenizer.add_word(&tokens).map_err(word_error)?;
             self.text_encoder
                 .set_token_rows(first as usize, &embedding.vectors)?;
         }

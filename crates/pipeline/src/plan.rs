@@ -1284,6 +1284,8 @@ fn plan_generate(
         let prompts = [
             ("prompt", Some(&spec.prompt)),
             ("negative_prompt", spec.negative_prompt.as_ref()),
+            ("prompt_2", spec.prompt_2.as_ref()),
+            ("negative_prompt_2", spec.negative_prompt_2.as_ref()),
         ];
         for (field, text) in prompts {
             if !text.is_some_and(|t| t.contains(e.token.as_str())) {
@@ -1299,14 +1301,18 @@ fn plan_generate(
                 ));
             }
             let width = base.text_encoder.hidden_size;
-            if e.embedding.width() != width {
+            let width_2 = base.text_encoder_2.as_ref().map(|c| c.hidden_size);
+            if e.embedding.width() != width || e.embedding.width_2() != width_2 {
+                let encoders = match width_2 {
+                    Some(w2) => format!("the text encoders of `{}` are clip_l {width} + clip_g {w2} wide (an SDXL embedding has `clip_l` and `clip_g` vectors)", spec.base),
+                    None => format!("the text encoder of `{}` is {width} wide", spec.base),
+                };
                 return Err(cx.error(
                     &key(field),
                     format!(
-                        "embedding `{model}` ({}) has vectors of width {}, but the text encoder of `{}` is {width} wide",
+                        "embedding `{model}` ({}) has vectors of width {}, but {encoders}",
                         e.token,
-                        e.embedding.width(),
-                        spec.base
+                        e.embedding.describe_widths(),
                     ),
                 ));
             }
