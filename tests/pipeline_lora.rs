@@ -212,3 +212,34 @@ fn loras_on_an_sdxl_base_are_refused_at_plan_time() {
         "{message}"
     );
 }
+
+/// A LoRA on a single-file base (the tiny SD1.5 checkpoint in the original layout) patches the
+/// same weights as on its folder: diffusers' reference for the folder holds.
+#[test]
+fn kohya_lora_on_a_single_file_base() {
+    use candle_core::Device;
+    use common::{get, max_abs_diff, reference, scratch};
+    let r = reference("lora_kohya.safetensors");
+    let dir = scratch(&format!("lora-single-file-{}", std::process::id()));
+    candle_core::safetensors::save(
+        &std::collections::HashMap::from([("latents", get(&r, "init_latents").clone())]),
+        dir.join("init.safetensors"),
+    )
+    .unwrap();
+    let text = format!(
+        "version: 1\nmodels:\n  base: {{kind: sd15, source: {}, config: {}}}\n{}nodes:\n  gen:\n    generate:\n      base: base\n      prompt: \"a cozy house at dusk\"\n      negative_prompt: \"lowres, blurry\"\n      size: [128, 128]\n      steps: 4\n      scheduler: {{kind: ddim}}\n      guidance: 7.5\n      latents: init.safetensors\n{}outputs:\n  - {{latents: gen, path: out.safetensors}}\n",
+        fx("single-file/tiny-sd15.safetensors"),
+        fx("tiny-sd15"),
+        lora_models(&[("detail", "kohya_attn_te.safetensors")]),
+        loras(&[("detail", 0.7)]),
+    );
+    let plan = common::plan(&dir, &text).unwrap_or_else(|e| panic!("{e}"));
+    let written = ipcompose::pipeline::run_plan(&plan, &common::run_options(), &mut |_, _| {})
+        .unwrap_or_else(|e| panic!("{e}"));
+    let latents =
+        candle_core::safetensors::load(&written[0], &Device::Cpu).unwrap()["latents"].clone();
+    let diff = max_abs_diff(&latents, get(&r, "final_latents"));
+    eprintln!("lora_kohya on the single file: final latents max abs diff {diff:.2e}");
+    let tolerance = common::bound(common::PIPELINE_TOLERANCE, get(&r, "final_latents"));
+    assert!(diff < tolerance, "final latents differ by {diff}");
+}

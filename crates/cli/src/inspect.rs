@@ -120,6 +120,8 @@ fn inspect_folder(path: &Path) -> anyhow::Result<()> {
         ("ControlNet", "diffusion_pytorch_model")
     } else if class == "T2IAdapter" {
         ("T2I-Adapter", "diffusion_pytorch_model")
+    } else if class == "AutoencoderKL" {
+        ("VAE (AutoencoderKL)", "diffusion_pytorch_model")
     } else if architectures.contains("CLIPVisionModel") {
         ("CLIP image encoder", "model")
     } else {
@@ -152,6 +154,13 @@ fn inspect_folder(path: &Path) -> anyhow::Result<()> {
                     ),
                     None => String::new(),
                 }
+            )
+        }
+        "VAE (AutoencoderKL)" => {
+            let c = ipcompose::models::vae::VaeConfig::from_file(&config_path)?;
+            format!(
+                ", {} latent channels, scaling factor {}",
+                c.latent_channels, c.scaling_factor
             )
         }
         "T2I-Adapter" => {
@@ -232,8 +241,18 @@ fn inspect_file(path: &Path) -> anyhow::Result<()> {
             CheckpointKind::Sd2 => {
                 "Stable Diffusion 2.x single-file checkpoint (not supported yet)".to_string()
             }
-            CheckpointKind::Sdxl => "SDXL single-file checkpoint (not supported yet)".to_string(),
-            CheckpointKind::Unknown(why) => format!("unrecognised checkpoint: {why}"),
+            CheckpointKind::Sdxl => {
+                "SDXL single-file checkpoint (SGM layout: CLIP-L + OpenCLIP bigG)".to_string()
+            }
+            CheckpointKind::Unsupported(family) => {
+                format!("{family} single-file checkpoint (not supported)")
+            }
+            CheckpointKind::Unknown(why) => {
+                match ipcompose::models::single_file_base::vae_file_latent_channels(path) {
+                    Ok(latent) => format!("VAE single file ({latent} latent channels)"),
+                    Err(_) => format!("unrecognised checkpoint: {why}"),
+                }
+            }
         }
     };
     println!("{}: {kind}; {}, {dtypes}", path.display(), millions(params));

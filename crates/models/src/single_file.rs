@@ -271,18 +271,88 @@ pub fn numbered_children<'a>(names: impl IntoIterator<Item = &'a str>, prefix: &
     found
 }
 
+/// How a tensor of the file becomes the tensor a model asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transform {
+    /// As stored.
+    AsIs,
+    /// Part `part` of `parts` equal slices along the first axis: one of q, k, v of a fused
+    /// projection (OpenCLIP's `in_proj_weight` / `in_proj_bias`).
+    Chunk { part: usize, parts: usize },
+    /// The transpose of a matrix (OpenCLIP's `text_projection`, used as `x @ P`, where
+    /// transformers stores the `Linear` weight `Pᵀ`).
+    Transpose,
+}
+
+impl Transform {
+    /// The shape the transform gives a stored tensor of shape `dims`; `None` if it cannot apply.
+    pub fn shape(self, dims: &[usize]) -> Option<Vec<usize>> {
+        match self {
+            Self::AsIs => Some(dims.to_vec()),
+            Self::Chunk { parts, .. } => {
+                let (&first, rest) = dims.split_first()?;
+                (parts > 0 && first.is_multiple_of(parts)).then(|| {
+                    let mut out = vec![first / parts];
+                    out.extend_from_slice(rest);
+                    out
+                })
+            }
+            Self::Transpose => (dims.len() == 2).then(|| vec![dims[1], dims[0]]),
+        }
+    }
+
+    fn apply(self, tensor: Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Self::AsIs => Ok(tensor),
+            Self::Chunk { part, parts } => {
+                let len = tensor.dim(0)? / parts;
+                tensor.narrow(0, part * len, len)?.contiguous()
+            }
+            Self::Transpose => tensor.t()?.contiguous(),
+        }
+    }
+}
+
 /// A weight store read under other names: models ask for diffusers names and get the file's
-/// tensors. Errors name the file and both names.
+/// tensors (sliced or transposed where the layouts differ). Errors name the file and both
+/// names.
 pub struct RenamedWeights {
     store: WeightStore,
     /// diffusers name → name in the file.
     to_original: HashMap<String, String>,
+    /// diffusers name → how its file tensor is reshaped (absent: as stored).
+    transforms: HashMap<String, Transform>,
+    /// LoRA updates keyed by diffusers names, added after the transform.
+    patches: Option<std::sync::Arc<crate::lora::WeightPatches>>,
 }
 
 impl RenamedWeights {
     /// `to_original` maps each diffusers name to the file's name for it.
     pub fn new(store: WeightStore, to_original: HashMap<String, String>) -> Self {
-        Self { store, to_original }
+        Self {
+            store,
+            to_original,
+            transforms: HashMap::new(),
+            patches: None,
+        }
+    }
+
+    /// Like [`RenamedWeights::new`], each diffusers name with its file name and transform.
+    pub fn with_transforms(store: WeightStore, map: HashMap<String, (String, Transform)>) -> Self {
+        let mut to_original = HashMap::with_capacity(map.len());
+        let mut transforms = HashMap::new();
+        for (name, (original, transform)) in map {
+            if transform != Transform::AsIs {
+                transforms.insert(name.clone(), transform);
+            }
+            to_original.insert(name, original);
+        }
+        Self {
+            store,
+            to_original,
+            transforms,
+            patches: None,
+        }
     }
 
     /// The same tensors with LoRA `patches` (keyed by diffusers names) added as they load.
@@ -290,9 +360,7 @@ impl RenamedWeights {
         mut self,
         patches: Option<std::sync::Arc<crate::lora::WeightPatches>>,
     ) -> Self {
-        let renamed = patches
-            .map(|p| std::sync::Arc::new(p.renamed(|name| self.to_original.get(name).cloned())));
-        self.store = self.store.with_patches(renamed);
+        self.patches = patches.filter(|p| !p.is_empty());
         self
     }
 
@@ -301,9 +369,17 @@ impl RenamedWeights {
         self.to_original.get(name).map(String::as_str)
     }
 
+    fn transform(&self, name: &str) -> Transform {
+        self.transforms
+            .get(name)
+            .copied()
+            .unwrap_or(Transform::AsIs)
+    }
+
     /// The shape of the tensor a diffusers name maps to (no data is loaded).
     pub fn shape(&self, name: &str) -> Option<Vec<usize>> {
-        self.store.shape(self.original_name(name)?)
+        self.transform(name)
+            .shape(&self.store.shape(self.original_name(name)?)?)
     }
 
     /// Every diffusers name the file provides.
@@ -358,7 +434,17 @@ impl SimpleBackend for RenamedWeights {
 
     fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
         match self.original_name(name) {
-            Some(original) => self.store.get_unchecked(original, dtype, dev),
+            Some(original) => {
+                // Read as stored; the transform and any patch work on the file's values and the
+                // result is converted once.
+                let stored = self.store.dtype(original).unwrap_or(dtype);
+                let tensor = self.store.get_unchecked(original, stored, dev)?;
+                let tensor = self.transform(name).apply(tensor)?;
+                match &self.patches {
+                    Some(patches) => patches.apply(name, tensor)?.to_dtype(dtype),
+                    None => tensor.to_dtype(dtype),
+                }
+            }
             None => Err(candle_core::Error::Msg(format!(
                 "{}: no tensor in the file maps to `{name}`",
                 self.files()
@@ -448,6 +534,82 @@ mod tests {
         assert_eq!(
             unet("output_blocks.11.0.skip_connection.bias").as_deref(),
             Some("up_blocks.3.resnets.2.conv_shortcut.bias")
+        );
+    }
+
+    /// SDXL base: three levels of two layers, no attention in the first down / last up level,
+    /// transformer depth above 1, the added text/time embedding (`label_emb`).
+    #[test]
+    fn sdxl_unet_keys() {
+        const SDXL: [usize; 3] = [2, 2, 2];
+        let u = |k: &str| unet_key_from_original(k, &SDXL);
+        assert_eq!(
+            u("label_emb.0.0.weight").as_deref(),
+            Some("add_embedding.linear_1.weight")
+        );
+        assert_eq!(
+            u("label_emb.0.2.bias").as_deref(),
+            Some("add_embedding.linear_2.bias")
+        );
+        assert_eq!(
+            u("input_blocks.2.0.in_layers.2.weight").as_deref(),
+            Some("down_blocks.0.resnets.1.conv1.weight")
+        );
+        assert_eq!(
+            u("input_blocks.3.0.op.weight").as_deref(),
+            Some("down_blocks.0.downsamplers.0.conv.weight")
+        );
+        assert_eq!(
+            u("input_blocks.5.1.proj_in.weight").as_deref(),
+            Some("down_blocks.1.attentions.1.proj_in.weight")
+        );
+        assert_eq!(
+            u("input_blocks.8.1.transformer_blocks.9.ff.net.0.proj.weight").as_deref(),
+            Some("down_blocks.2.attentions.1.transformer_blocks.9.ff.net.0.proj.weight")
+        );
+        assert_eq!(u("input_blocks.9.0.op.weight"), None);
+        assert_eq!(
+            u("middle_block.1.transformer_blocks.3.attn2.to_v.weight").as_deref(),
+            Some("mid_block.attentions.0.transformer_blocks.3.attn2.to_v.weight")
+        );
+        // Up levels 0 and 1 have attention: their upsampler is the third module.
+        assert_eq!(
+            u("output_blocks.2.2.conv.weight").as_deref(),
+            Some("up_blocks.0.upsamplers.0.conv.weight")
+        );
+        assert_eq!(
+            u("output_blocks.2.1.proj_out.bias").as_deref(),
+            Some("up_blocks.0.attentions.2.proj_out.bias")
+        );
+        assert_eq!(
+            u("output_blocks.5.2.conv.bias").as_deref(),
+            Some("up_blocks.1.upsamplers.0.conv.bias")
+        );
+        assert_eq!(
+            u("output_blocks.8.0.skip_connection.weight").as_deref(),
+            Some("up_blocks.2.resnets.2.conv_shortcut.weight")
+        );
+        assert_eq!(u("output_blocks.9.0.in_layers.0.weight"), None);
+    }
+
+    #[test]
+    fn transforms_slice_and_transpose() {
+        let chunk = Transform::Chunk { part: 1, parts: 3 };
+        assert_eq!(chunk.shape(&[12, 4]), Some(vec![4, 4]));
+        assert_eq!(chunk.shape(&[12]), Some(vec![4]));
+        assert_eq!(chunk.shape(&[10, 4]), None);
+        assert_eq!(Transform::Transpose.shape(&[6, 5]), Some(vec![5, 6]));
+        assert_eq!(Transform::Transpose.shape(&[6]), None);
+        let t = Tensor::arange(0f32, 6., &Device::Cpu)
+            .unwrap()
+            .reshape((3, 2))
+            .unwrap();
+        let middle = chunk.apply(t.clone()).unwrap();
+        assert_eq!(middle.to_vec2::<f32>().unwrap(), vec![vec![2.0, 3.0]]);
+        let transposed = Transform::Transpose.apply(t).unwrap();
+        assert_eq!(
+            transposed.to_vec2::<f32>().unwrap(),
+            vec![vec![0.0, 2.0, 4.0], vec![1.0, 3.0, 5.0]]
         );
     }
 

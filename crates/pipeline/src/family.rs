@@ -56,8 +56,10 @@ pub struct Family {
     /// Whether the VAE decodes in f32 whatever the models' dtype when its config says
     /// `force_upcast` (diffusers' SDXL pipelines do; the SD1.x / SD2.x ones do not).
     pub vae_upcast: bool,
-    /// Whether the base's weights may come from one single-file checkpoint.
-    pub single_file: bool,
+    /// Whether the base's weights may come from one single-file checkpoint: then the hub repo
+    /// whose configs, tokenizers and scheduler it uses by default (diffusers'
+    /// `from_single_file` default; a recipe's `config:` replaces it).
+    pub single_file: Option<&'static str>,
     /// Whether IP-Adapters are supported on it (parity tests for this family).
     pub ip_adapters: bool,
     /// Whether ControlNets and T2I-Adapters are supported on it (each has parity tests for
@@ -75,7 +77,7 @@ pub const SD15: Family = Family {
     added: AddedConditioning::None,
     default_scheduler: SchedulerKind::Ddim,
     vae_upcast: false,
-    single_file: true,
+    single_file: Some("stable-diffusion-v1-5/stable-diffusion-v1-5"),
     ip_adapters: true,
     adapters: true,
     loras: true,
@@ -84,7 +86,7 @@ pub const SD15: Family = Family {
 
 pub const SD2: Family = Family {
     name: "sd2",
-    single_file: false,
+    single_file: None,
     ..SD15
 };
 
@@ -95,7 +97,7 @@ pub const SDXL: Family = Family {
     // The SDXL repos' `EulerDiscreteScheduler`.
     default_scheduler: SchedulerKind::Euler,
     vae_upcast: true,
-    single_file: false,
+    single_file: Some("stabilityai/stable-diffusion-xl-base-1.0"),
     ip_adapters: true,
     adapters: true,
     loras: false,
@@ -197,7 +199,11 @@ mod tests {
         }
         assert_eq!(SDXL.text, TextEncoding::Dual);
         assert_eq!(SD2.text, TextEncoding::Single);
-        assert!(SD15.single_file && !SD2.single_file && !SDXL.single_file);
+        assert!(SD15.single_file.is_some() && SD2.single_file.is_none());
+        assert_eq!(
+            SDXL.single_file,
+            Some("stabilityai/stable-diffusion-xl-base-1.0")
+        );
     }
 
     #[test]

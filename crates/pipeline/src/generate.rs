@@ -3,7 +3,7 @@
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
-use ipcompose_models::clip_text::ClipTextModel;
+use ipcompose_models::clip_text::{ClipTextModel, ClipTextModelWithProjection};
 use ipcompose_models::folder::DiffusersFolder;
 use ipcompose_models::tokenizer::{ClipTokenizer, TokenizerError};
 use ipcompose_models::unet::{AddedConditioning, Injections, TextContext, UNet2DConditionModel};
@@ -15,7 +15,7 @@ use crate::error::{PipelineError, Result};
 use crate::family::{BaseKind, TextEncoding};
 use crate::ip::{step_injections, PreparedIpAdapter};
 use crate::noise::SeededNoise;
-use crate::plan::{BaseModelPlan, GenerationPlan, InitialNoise, LoraUse};
+use crate::plan::{BaseModelPlan, GenerationPlan, InitialNoise, LoraUse, VaeSource};
 use crate::text::SecondTextEncoder;
 use ipcompose_models::lora::{Component, ComponentWeights, WeightPatches};
 
@@ -60,14 +60,15 @@ impl BaseModel {
         let folder = &folder;
         let family = plan.kind.family();
         let vae_dtype = family.vae_dtype(&plan.vae, dtype);
-        let text_encoder_2 = match &plan.text_encoder_2 {
-            Some(config) => Some(SecondTextEncoder {
-                tokenizer: folder.tokenizer_2()?,
-                encoder: folder.load_text_encoder_2(config, dtype, device)?,
-            }),
-            None => None,
-        };
+        let vae = load_vae(plan, folder, vae_dtype, device)?;
         let Some(file) = &plan.single_file else {
+            let text_encoder_2 = match &plan.text_encoder_2 {
+                Some(config) => Some(SecondTextEncoder {
+                    tokenizer: folder.tokenizer_2()?,
+                    encoder: folder.load_text_encoder_2(config, dtype, device)?,
+                }),
+                None => None,
+            };
             return Ok(Self {
                 kind: plan.kind,
                 tokenizer: folder.tokenizer()?,
@@ -75,26 +76,37 @@ impl BaseModel {
                 text_encoder_2,
                 force_zeros_for_empty_prompt: plan.force_zeros_for_empty_prompt,
                 unet: folder.load_unet(&plan.unet, dtype, device)?,
-                vae: folder.load_vae(&plan.vae, vae_dtype, device)?,
+                vae,
                 device: device.clone(),
                 dtype,
             });
         };
-        if !family.single_file {
+        if family.single_file.is_none() {
             return Err(PipelineError::Plan(format!(
                 "single-file checkpoints are not supported for {} bases",
                 family.name
             )));
         }
-        use ipcompose_models::single_file_base::{text_encoder_weights, unet_weights, vae_weights};
+        use ipcompose_models::single_file_base::{
+            open_clip_text_encoder_weights, text_encoder_weights, unet_weights,
+        };
         let unet_vb = unet_weights(file, &plan.unet.layers_per_block)?
             .with_patches(unet_patches)
             .var_builder(dtype, device);
-        let vae_vb =
-            vae_weights(file, plan.vae.block_out_channels.len())?.var_builder(vae_dtype, device);
         let text_vb = text_encoder_weights(file)?
             .with_patches(text_patches)
             .var_builder(dtype, device);
+        // SDXL's second encoder: OpenCLIP bigG under transformers' names.
+        let text_encoder_2 = match &plan.text_encoder_2 {
+            Some(config) => Some(SecondTextEncoder {
+                tokenizer: folder.tokenizer_2()?,
+                encoder: ClipTextModelWithProjection::new(
+                    open_clip_text_encoder_weights(file)?.var_builder(dtype, device),
+                    config,
+                )?,
+            }),
+            None => None,
+        };
         Ok(Self {
             kind: plan.kind,
             tokenizer: folder.tokenizer()?,
@@ -102,7 +114,7 @@ impl BaseModel {
             text_encoder_2,
             force_zeros_for_empty_prompt: plan.force_zeros_for_empty_prompt,
             unet: UNet2DConditionModel::new(unet_vb, &plan.unet)?,
-            vae: Vae::new(vae_vb, &plan.vae)?,
+            vae,
             device: device.clone(),
             dtype,
         })
@@ -237,6 +249,34 @@ impl BaseModel {
         let image = self.vae.decode_to_unit(&latents)?;
         Ok(Generated { latents, image })
     }
+}
+
+/// The base's VAE: the recipe's `vae:` (a folder or a VAE file) when it names one, else the
+/// single-file checkpoint's or the folder's own.
+fn load_vae(
+    plan: &BaseModelPlan,
+    folder: &DiffusersFolder,
+    dtype: DType,
+    device: &Device,
+) -> Result<Vae> {
+    use ipcompose_models::single_file_base::{vae_file_weights, vae_weights};
+    let levels = plan.vae.block_out_channels.len();
+    let vb = match (&plan.vae_source, &plan.single_file) {
+        (Some(VaeSource::Folder(dir)), _) => {
+            let files = ipcompose_models::weights::find_component_weights(
+                dir,
+                "diffusion_pytorch_model",
+                folder.variant.as_deref(),
+            )?;
+            ipcompose_models::weights::WeightStore::open(&files)?.var_builder(dtype, device)
+        }
+        (Some(VaeSource::File(file)), _) => {
+            vae_file_weights(file, levels)?.var_builder(dtype, device)
+        }
+        (None, Some(file)) => vae_weights(file, levels)?.var_builder(dtype, device),
+        (None, None) => return Ok(folder.load_vae(&plan.vae, dtype, device)?),
+    };
+    Ok(Vae::new(vb, &plan.vae)?)
 }
 
 type Patches = Option<std::sync::Arc<WeightPatches>>;

@@ -27,9 +27,6 @@ use crate::recipe::{GenerateSpec, IpAdapterSpec, ModelSpec, Node, Recipe, NODE_O
 use crate::schedule::{window, Strength};
 use crate::source::resolve_model_source;
 
-/// Where configs for single-file SD1.5 checkpoints come from by default (as diffusers).
-pub const SD15_CONFIG_REPO: &str = "stable-diffusion-v1-5/stable-diffusion-v1-5";
-
 pub use crate::family::BaseKind;
 use crate::family::{AddedConditioning, Family, MicroConditioning, TextEncoding};
 
@@ -44,7 +41,10 @@ pub struct BaseModelPlan {
     /// A single-file checkpoint holding the weights, when the source is one.
     pub single_file: Option<PathBuf>,
     pub unet: UNetConfig,
+    /// The VAE's config: the base's, or the `vae:` folder's when one replaces it.
     pub vae: VaeConfig,
+    /// The recipe's `vae:`, replacing the base's own VAE.
+    pub vae_source: Option<VaeSource>,
     pub text_encoder: ClipTextConfig,
     /// SDXL's second text encoder (with `projection_dim`); `None` for one-encoder families.
     pub text_encoder_2: Option<ClipTextConfig>,
@@ -52,6 +52,16 @@ pub struct BaseModelPlan {
     /// default true when the file does not say).
     pub force_zeros_for_empty_prompt: bool,
     pub scheduler_config: SchedulerConfig,
+}
+
+/// Where a base's VAE comes from when the recipe's `vae:` replaces it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum VaeSource {
+    /// A diffusers `AutoencoderKL` folder: its `config.json` and weights.
+    Folder(PathBuf),
+    /// A single VAE file (original or diffusers names), read with the base's VAE config, as
+    /// diffusers' `AutoencoderKL.from_single_file(file, config=base, subfolder="vae")`.
+    File(PathBuf),
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -291,80 +301,9 @@ impl Plan {
                     ),
                 )
             })?;
-            let family = kind.family();
-            let root = resolve_model_source(&spec.source, spec.revision.as_deref(), base_dir)
-                .map_err(|e| cx.error(&["models", name, "source"], e))?;
-            // A single file carries weights only; like diffusers' `from_single_file`, the
-            // configs, tokenizer and scheduler come from a diffusers folder of the same base
-            // (`config:`, by default the reference repo in the local hub cache).
-            let single_file = if root.is_file() {
-                let checkpoint =
-                    ipcompose_models::single_file_base::SingleFileCheckpoint::open(&root)
-                        .map_err(|e| cx.error(&["models", name, "source"], e))?;
-                if !family.single_file {
-                    return Err(cx.error(
-                        &["models", name, "kind"],
-                        format!(
-                            "single-file checkpoints are supported for sd15 only; a {} base needs a diffusers folder",
-                            family.name
-                        ),
-                    ));
-                }
-                Some(checkpoint.file)
-            } else {
-                if spec.config.is_some() {
-                    return Err(cx.error(
-                        &["models", name, "config"],
-                        "`config` is for single-file checkpoints; this source is a folder",
-                    ));
-                }
-                None
-            };
-            let config_root = match (&single_file, &spec.config) {
-                (None, _) => root.clone(),
-                (Some(_), Some(config)) => resolve_model_source(config, None, base_dir)
-                    .map_err(|e| cx.error(&["models", name, "config"], e))?,
-                (Some(_), None) => resolve_model_source(SD15_CONFIG_REPO, None, base_dir).map_err(|e| {
-                    cx.error(
-                        &["models", name, "source"],
-                        format!("a single-file checkpoint needs the configs and tokenizer of its base: give `config: FOLDER`, or have {SD15_CONFIG_REPO} in the hub cache ({e})"),
-                    )
-                })?,
-            };
-            let mut folder = DiffusersFolder::open(&config_root)
-                .map_err(|e| cx.error(&["models", name, "source"], e))?;
-            folder.variant = spec.variant.clone();
-            let at = |e: ipcompose_models::ModelError| cx.error(&["models", name], e);
-            let unet = folder.unet_config().map_err(at)?;
-            let vae = folder.vae_config().map_err(at)?;
-            let text_encoder = folder.text_encoder_config().map_err(at)?;
-            let scheduler_config = SchedulerConfig::from_file(&folder.scheduler_config_path())
-                .map_err(|e| cx.error(&["models", name], e))?;
-            let (text_encoder_2, force_zeros_for_empty_prompt) =
-                plan_base_family(&cx, name, family, &folder, &unet, &text_encoder)?;
-            if vae.latent_channels != unet.in_channels {
-                return Err(cx.error(
-                    &["models", name],
-                    format!(
-                        "VAE latent channels {} do not match the UNet's in_channels {}",
-                        vae.latent_channels, unet.in_channels
-                    ),
-                ));
-            }
             models.insert(
                 name.clone(),
-                BaseModelPlan {
-                    name: name.clone(),
-                    kind,
-                    folder,
-                    single_file,
-                    unet,
-                    vae,
-                    text_encoder,
-                    text_encoder_2,
-                    force_zeros_for_empty_prompt,
-                    scheduler_config,
-                },
+                plan_base_model(&cx, name, spec, kind, base_dir)?,
             );
         }
 
@@ -568,6 +507,180 @@ impl Plan {
     pub fn generation(&self, node: &str) -> Option<&GenerationPlan> {
         self.generations.iter().find(|g| g.node == node)
     }
+}
+
+/// A base model of `kind` (`models.NAME`): its folder, or a single-file checkpoint with the
+/// folder its configs come from, every config read and checked against the family, and the
+/// `vae:` that replaces its VAE.
+fn plan_base_model(
+    cx: &Context,
+    name: &str,
+    spec: &ModelSpec,
+    kind: BaseKind,
+    base_dir: &Path,
+) -> Result<BaseModelPlan> {
+    let family = kind.family();
+    let root = resolve_model_source(&spec.source, spec.revision.as_deref(), base_dir)
+        .map_err(|e| cx.error(&["models", name, "source"], e))?;
+    // A single file carries weights only; like diffusers' `from_single_file`, the configs,
+    // tokenizers and scheduler come from a diffusers folder of the same base (`config:`, by
+    // default the family's reference repo in the local hub cache).
+    let single_file = if root.is_file() {
+        Some(plan_single_file(cx, name, family, &root)?)
+    } else {
+        if spec.config.is_some() {
+            return Err(cx.error(
+                &["models", name, "config"],
+                "`config` is for single-file checkpoints; this source is a folder",
+            ));
+        }
+        None
+    };
+    let config_root = match (&single_file, &spec.config, family.single_file) {
+        (None, _, _) => root.clone(),
+        (Some(_), Some(config), _) => resolve_model_source(config, None, base_dir)
+            .map_err(|e| cx.error(&["models", name, "config"], e))?,
+        // `plan_single_file` refuses families without single files.
+        (Some(_), None, repo) => {
+            let repo = repo.unwrap_or_default();
+            resolve_model_source(repo, None, base_dir).map_err(|e| {
+                cx.error(
+                    &["models", name, "source"],
+                    format!("a single-file checkpoint needs the configs and tokenizers of its base: give `config: FOLDER`, or have {repo} in the hub cache ({e})"),
+                )
+            })?
+        }
+    };
+    let mut folder = DiffusersFolder::open(&config_root)
+        .map_err(|e| cx.error(&["models", name, "source"], e))?;
+    folder.variant = spec.variant.clone();
+    let at = |e: ipcompose_models::ModelError| cx.error(&["models", name], e);
+    let unet = folder.unet_config().map_err(at)?;
+    let vae = folder.vae_config().map_err(at)?;
+    let text_encoder = folder.text_encoder_config().map_err(at)?;
+    let scheduler_config = SchedulerConfig::from_file(&folder.scheduler_config_path())
+        .map_err(|e| cx.error(&["models", name], e))?;
+    let (text_encoder_2, force_zeros_for_empty_prompt) =
+        plan_base_family(cx, name, family, &folder, &unet, &text_encoder)?;
+    if vae.latent_channels != unet.in_channels {
+        return Err(cx.error(
+            &["models", name],
+            format!(
+                "VAE latent channels {} do not match the UNet's in_channels {}",
+                vae.latent_channels, unet.in_channels
+            ),
+        ));
+    }
+    let (vae, vae_source) = match &spec.vae {
+        None => (vae, None),
+        Some(source) => {
+            let (config, vae_source) = plan_vae(cx, name, spec, source, &vae, base_dir)?;
+            (config, Some(vae_source))
+        }
+    };
+    Ok(BaseModelPlan {
+        name: name.to_string(),
+        kind,
+        folder,
+        single_file,
+        unet,
+        vae,
+        vae_source,
+        text_encoder,
+        text_encoder_2,
+        force_zeros_for_empty_prompt,
+        scheduler_config,
+    })
+}
+
+/// A single-file checkpoint as the source of a base of `family`: it must hold that family
+/// (an SDXL file under `kind: sd15` names `kind: sdxl`, and the reverse); files of families
+/// ipcompose does not run (SD3, Flux, …) are named as such.
+fn plan_single_file(cx: &Context, name: &str, family: &Family, file: &Path) -> Result<PathBuf> {
+    let checkpoint = ipcompose_models::single_file_base::SingleFileCheckpoint::open(file)
+        .map_err(|e| cx.error(&["models", name, "source"], e))?;
+    match checkpoint.kind.recipe_kind() {
+        Some(kind) if kind == family.name => {}
+        Some(kind) => {
+            return Err(cx.error(
+                &["models", name, "kind"],
+                format!(
+                    "`{}` is {}; use `kind: {kind}` (the recipe says `kind: {}`)",
+                    file.display(),
+                    checkpoint.kind.describe(),
+                    family.name
+                ),
+            ));
+        }
+        None => {
+            return Err(cx.error(
+                &["models", name, "source"],
+                format!("`{}` is {}", file.display(), checkpoint.kind.describe()),
+            ));
+        }
+    }
+    if family.single_file.is_none() {
+        return Err(cx.error(
+            &["models", name, "kind"],
+            format!(
+                "single-file checkpoints are not supported for {} bases; use a diffusers folder",
+                family.name
+            ),
+        ));
+    }
+    Ok(checkpoint.file)
+}
+
+/// The recipe's `vae:` of a base: a diffusers `AutoencoderKL` folder (or a pipeline folder's
+/// `vae/`) or a single VAE file; its latent channels must be the base VAE's (`base_vae`).
+/// Returns the VAE config to run with (the folder's; a file uses the base's) and the source.
+fn plan_vae(
+    cx: &Context,
+    name: &str,
+    spec: &ModelSpec,
+    source: &str,
+    base_vae: &VaeConfig,
+    base_dir: &Path,
+) -> Result<(VaeConfig, VaeSource)> {
+    let at = ["models", name, "vae"];
+    let path = resolve_model_source(source, None, base_dir).map_err(|e| cx.error(&at, e))?;
+    let (config, latent_channels, vae_source) = if path.is_file() {
+        let latent = ipcompose_models::single_file_base::vae_file_latent_channels(&path)
+            .map_err(|e| cx.error(&at, e))?;
+        (base_vae.clone(), latent, VaeSource::File(path.clone()))
+    } else {
+        // A pipeline folder stands for its `vae/`.
+        let dir = if !path.join("config.json").is_file() && path.join("vae/config.json").is_file() {
+            path.join("vae")
+        } else {
+            path.clone()
+        };
+        let config = VaeConfig::from_file(&dir.join("config.json")).map_err(|e| {
+            cx.error(
+                &at,
+                format!("not a diffusers AutoencoderKL folder or a VAE file: {e}"),
+            )
+        })?;
+        ipcompose_models::weights::find_component_weights(
+            &dir,
+            "diffusion_pytorch_model",
+            spec.variant.as_deref(),
+        )
+        .map_err(|e| cx.error(&at, e))?;
+        let latent = config.latent_channels;
+        (config, latent, VaeSource::Folder(dir))
+    };
+    if latent_channels != base_vae.latent_channels {
+        return Err(cx.error(
+            &at,
+            format!(
+                "the VAE `{}` has {latent_channels} latent channels, the base model `{name}` {}",
+                path.display(),
+                base_vae.latent_channels
+            ),
+        ));
+    }
+    Ok((config, vae_source))
 }
 
 /// Checks a base folder against its family (text encoders, added embedding, widths); returns

@@ -60,8 +60,11 @@ pub fn resolved_recipe(recipe: &Recipe, base_dir: &Path) -> Result<Recipe> {
     };
     for model in r.models.values_mut() {
         model.source = absolute(base_dir, &model.source);
-        if let Some(enc) = &mut model.image_encoder {
-            *enc = absolute(base_dir, enc);
+        for path in [&mut model.image_encoder, &mut model.config, &mut model.vae]
+            .into_iter()
+            .flatten()
+        {
+            *path = absolute(base_dir, path);
         }
     }
     for image in r.images.values_mut() {

@@ -53,6 +53,10 @@ pub struct ModelSpec {
     /// and scheduler to use.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub config: Option<String>,
+    /// Base models: a VAE replacing the base's own, as a diffusers `AutoencoderKL` folder (or hub
+    /// id) or a single VAE file (original or diffusers names).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vae: Option<String>,
     /// Single-file ControlNets: whether it pools its conditions (shuffle); folders say so in
     /// their config.
     #[serde(default, skip_serializing_if = "Option::is_none")]
