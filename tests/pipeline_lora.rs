@@ -195,21 +195,76 @@ fn a_shape_mismatch_names_the_weight() {
     );
 }
 
-#[test]
-fn loras_on_an_sdxl_base_are_refused_at_plan_time() {
-    let dir = common::scratch("lora-sdxl-base");
+/// Plans `lora` (a file of tests/fixtures/lora) on the base `kind` / `base` and returns the error.
+fn plan_error_with(kind: &str, base: &str, lora: &str) -> String {
+    let dir = common::scratch(&format!("lora-family-{kind}-{}", std::process::id()));
     let text = format!(
-        "version: 1\nmodels:\n  base: {{kind: sdxl, source: {}}}\n  detail: {{kind: lora, source: {}}}\nnodes:\n  gen:\n    generate:\n      base: base\n      prompt: x\n      loras: [{{model: detail}}]\noutputs:\n  - {{latents: gen, path: out.safetensors}}\n",
-        fx("tiny-sdxl"),
-        fx("lora/kohya_attn_te.safetensors")
+        "version: 1\nmodels:\n  base: {{kind: {kind}, source: {}}}\n  detail: {{kind: lora, source: {}}}\nnodes:\n  gen:\n    generate:\n      base: base\n      prompt: x\n      loras: [{{model: detail}}]\noutputs:\n  - {{latents: gen, path: out.safetensors}}\n",
+        fx(base),
+        fx(&format!("lora/{lora}"))
     );
-    let message = common::plan(&dir, &text)
+    common::plan(&dir, &text)
         .err()
         .map(|e| e.to_string())
-        .unwrap_or_default();
+        .unwrap_or_default()
+}
+
+#[test]
+fn a_lora_of_the_other_family_is_refused_naming_both_widths() {
+    let message = plan_error_with("sdxl", "tiny-sdxl", "kohya_attn_te.safetensors");
     assert!(
-        message.contains("recipe.yaml:10") && message.contains("LoRAs are not supported on sdxl"),
+        message.contains("recipe.yaml:") && message.contains("32") && message.contains("80"),
         "{message}"
+    );
+    let message = plan_error_with("sd15", "tiny-sd15", "sdxl_kohya.safetensors");
+    assert!(
+        message.contains("recipe.yaml:") && message.contains("SDXL") && message.contains("32"),
+        "{message}"
+    );
+}
+
+/// kohya's SDXL names (UNet modules in the original SGM layout, `lora_te1_` / `lora_te2_`)
+/// at 0.7, against diffusers' `load_lora_weights` (make_sdxl_lora_fixtures.py).
+#[test]
+fn sdxl_kohya_lora_on_unet_and_both_text_encoders() {
+    common::run_sdxl_case(
+        "sdxl_lora_kohya",
+        &lora_models(&[("detail", "sdxl_kohya.safetensors")]),
+        "",
+        &loras(&[("detail", 0.7)]),
+    );
+}
+
+/// The kohya file at 1.0 with a diffusers/peft SDXL file (`text_encoder_2.` keys) at 0.5.
+#[test]
+fn sdxl_kohya_and_peft_loras_together() {
+    common::run_sdxl_case(
+        "sdxl_lora_two",
+        &lora_models(&[
+            ("kohya", "sdxl_kohya.safetensors"),
+            ("peft", "sdxl_peft.safetensors"),
+        ]),
+        "",
+        &loras(&[("kohya", 1.0), ("peft", 0.5)]),
+    );
+}
+
+/// The same kohya file on the SDXL single file (the tiny folder's weights in the SGM layout,
+/// OpenCLIP's fused q/k/v split at load): the folder's reference holds.
+#[test]
+fn sdxl_kohya_lora_on_a_single_file_base() {
+    let models = lora_models(&[("detail", "sdxl_kohya.safetensors")]);
+    let text_base = format!(
+        "  base: {{kind: sdxl, source: {}, config: {}}}\n",
+        fx("single-file/tiny-sdxl.safetensors"),
+        fx("tiny-sdxl")
+    );
+    common::run_sdxl_case_with_base(
+        "sdxl_lora_kohya",
+        &text_base,
+        &models,
+        "",
+        &loras(&[("detail", 0.7)]),
     );
 }
 

@@ -234,8 +234,23 @@ outputs:
 /// final latents with the reference's `final_latents`.
 #[allow(dead_code)]
 pub fn run_sdxl_case(case: &str, models_yaml: &str, images_yaml: &str, generate_yaml: &str) {
+    let base = format!("  base: {{kind: sdxl, source: {}}}\n", fx("tiny-sdxl"));
+    run_sdxl_case_with_base(case, &base, models_yaml, images_yaml, generate_yaml);
+}
+
+/// As [`run_sdxl_case`], with the `base` model line given (e.g. a single file).
+#[allow(dead_code)]
+pub fn run_sdxl_case_with_base(
+    case: &str,
+    base_yaml: &str,
+    models_yaml: &str,
+    images_yaml: &str,
+    generate_yaml: &str,
+) {
     let r = reference(&format!("{case}.safetensors"));
-    let dir = scratch(&format!("sdxl-case-{case}-{}", std::process::id()));
+    static RUNS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let run = RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = scratch(&format!("sdxl-case-{case}-{}-{run}", std::process::id()));
     candle_core::safetensors::save(
         &HashMap::from([("latents", get(&r, "init_latents").clone())]),
         dir.join("init.safetensors"),
@@ -247,8 +262,7 @@ pub fn run_sdxl_case(case: &str, models_yaml: &str, images_yaml: &str, generate_
         "      prompt: \"a cozy house at dusk\"\n      negative_prompt: \"lowres, blurry\"\n"
     };
     let text = format!(
-        "version: 1\nmodels:\n  base: {{kind: sdxl, source: {}}}\n{models_yaml}images:\n{images_yaml}nodes:\n  gen:\n    generate:\n      base: base\n{prompts}      size: [64, 64]\n      steps: 4\n      guidance: 5\n      latents: init.safetensors\n{generate_yaml}outputs:\n  - {{latents: gen, path: out.safetensors}}\n",
-        fx("tiny-sdxl"),
+        "version: 1\nmodels:\n{base_yaml}{models_yaml}images:\n{images_yaml}nodes:\n  gen:\n    generate:\n      base: base\n{prompts}      size: [64, 64]\n      steps: 4\n      guidance: 5\n      latents: init.safetensors\n{generate_yaml}outputs:\n  - {{latents: gen, path: out.safetensors}}\n",
     );
     let plan = plan(&dir, &text).unwrap_or_else(|e| panic!("{case}: {e}"));
     let written = ipcompose::pipeline::run_plan(&plan, &run_options(), &mut |_, _| {})

@@ -1012,6 +1012,7 @@ impl ModelFiles {
         let updates = LoraFile::open(lora)?.resolve(&[ComponentWeights {
             component: Component::Unet,
             names: &names,
+            layers_per_block: &config.layers_per_block,
         }])?;
         let patches = WeightPatches::build(&[(updates, 1.0)], Component::Unet, |n| base.shape(n))?;
         let vb = WeightStore::open(&files)?

@@ -199,6 +199,9 @@ pub struct ComponentWeights<'a> {
     pub component: Component,
     /// Every tensor name of the component's weights (`….weight`, `….bias`, …).
     pub names: &'a [String],
+    /// UNet: layers per down level, to place kohya stems named in the original (SGM / LDM)
+    /// layout, as kohya writes SDXL LoRAs (`lora_unet_input_blocks_4_1_…`). Empty otherwise.
+    pub layers_per_block: &'a [usize],
 }
 
 const KOHYA_TENSORS: [&str; 3] = ["lora_down.weight", "lora_up.weight", "alpha"];
@@ -310,7 +313,13 @@ impl LoraFile {
                 unmatched.push(format!("{stem} ({} not in this base)", component.name()));
                 continue;
             };
-            let Some(module) = find_module(&stem, base.names, self.format) else {
+            let kohya = !matches!(self.format, LoraFormat::Peft);
+            let module = find_module(&stem, base.names, self.format).or_else(|| {
+                let original = (kohya && component == Component::Unet)
+                    .then(|| diffusers_stem_of_original(&stem, base.layers_per_block))??;
+                find_module(&original, base.names, self.format)
+            });
+            let Some(module) = module else {
                 unmatched.push(stem);
                 continue;
             };
@@ -632,6 +641,69 @@ fn find_module(stem: &str, names: &[String], format: LoraFormat) -> Option<Strin
     None
 }
 
+/// A kohya UNet stem in the original layout's names (`input_blocks_4_1_transformer_blocks_0_attn1_to_q`,
+/// `output_blocks_2_0_in_layers_2`, `middle_block_1_proj_in`, `label_emb_0_0`), as kohya
+/// names SDXL LoRAs, turned into a kohya stem in diffusers' names
+/// (`down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q`), by the single-file
+/// renaming (diffusers' `_maybe_map_sgm_blocks_to_diffusers` does the same).
+fn diffusers_stem_of_original(stem: &str, layers_per_block: &[usize]) -> Option<String> {
+    const TOP_LEVEL: [&str; 6] = [
+        "time_embed.0",
+        "time_embed.2",
+        "label_emb.0.0",
+        "label_emb.0.2",
+        "out.0",
+        "out.2",
+    ];
+    if let Some(module) = TOP_LEVEL.iter().find(|m| m.replace('.', "_") == stem) {
+        let renamed = crate::single_file::unet_key_from_original(
+            &format!("{module}.weight"),
+            layers_per_block,
+        )?;
+        return Some(renamed.strip_suffix(".weight")?.replace('.', "_"));
+    }
+    // The block and its two indices (or the one of the middle block), then the module inside.
+    let (head, rest) = if let Some(tail) = stem.strip_prefix("middle_block_") {
+        let (j, rest) = tail.split_once('_')?;
+        (format!("middle_block.{}", j.parse::<usize>().ok()?), rest)
+    } else {
+        let block = ["input_blocks", "output_blocks"]
+            .into_iter()
+            .find(|b| stem.starts_with(&format!("{b}_")))?;
+        let tail = &stem[block.len() + 1..];
+        let (i, tail) = tail.split_once('_')?;
+        let (j, rest) = tail.split_once('_').unwrap_or((tail, ""));
+        (
+            format!(
+                "{block}.{}.{}",
+                i.parse::<usize>().ok()?,
+                j.parse::<usize>().ok()?
+            ),
+            rest,
+        )
+    };
+    // Inside a block, only resnet layers have dotted original names (`in_layers.2`); the
+    // attention and sampler paths are kept as kohya wrote them and compared underscored.
+    const DOTTED: [&str; 5] = [
+        "in_layers.0",
+        "in_layers.2",
+        "emb_layers.1",
+        "out_layers.0",
+        "out_layers.3",
+    ];
+    let rest = DOTTED
+        .iter()
+        .find(|d| d.replace('.', "_") == rest)
+        .map_or_else(|| rest.to_string(), |d| d.to_string());
+    let key = if rest.is_empty() {
+        format!("{head}.weight")
+    } else {
+        format!("{head}.{rest}.weight")
+    };
+    let renamed = crate::single_file::unet_key_from_original(&key, layers_per_block)?;
+    Some(renamed.strip_suffix(".weight")?.replace('.', "_"))
+}
+
 /// The summed `ΔW` of every LoRA of a generation for one component, by weight name, added to
 /// the weights as they load.
 #[derive(Debug, Clone, Default)]
@@ -733,6 +805,45 @@ mod tests {
         }
         assert!(find_module("encoder.layers.0.mlp.fc1", &te, LoraFormat::Peft).is_some());
         assert!(find_module("down_blocks_9_x", &names, LoraFormat::Kohya).is_none());
+    }
+
+    #[test]
+    fn kohya_sdxl_stems_in_the_original_layout_find_diffusers_modules() {
+        // SDXL: three levels of two layers.
+        let lpb = [2, 2, 2];
+        let cases = [
+            (
+                "input_blocks_4_1_transformer_blocks_0_attn1_to_q",
+                "down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q",
+            ),
+            (
+                "input_blocks_1_0_in_layers_2",
+                "down_blocks_0_resnets_0_conv1",
+            ),
+            ("input_blocks_3_0_op", "down_blocks_0_downsamplers_0_conv"),
+            ("middle_block_1_proj_in", "mid_block_attentions_0_proj_in"),
+            (
+                "middle_block_2_emb_layers_1",
+                "mid_block_resnets_1_time_emb_proj",
+            ),
+            (
+                "output_blocks_0_0_skip_connection",
+                "up_blocks_0_resnets_0_conv_shortcut",
+            ),
+            ("output_blocks_2_2_conv", "up_blocks_0_upsamplers_0_conv"),
+            ("label_emb_0_0", "add_embedding_linear_1"),
+        ];
+        for (stem, expected) in cases {
+            assert_eq!(
+                diffusers_stem_of_original(stem, &lpb).as_deref(),
+                Some(expected),
+                "{stem}"
+            );
+        }
+        assert_eq!(
+            diffusers_stem_of_original("down_blocks_0_resnets_0_conv1", &lpb),
+            None
+        );
     }
 
     #[test]

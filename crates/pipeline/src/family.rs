@@ -100,7 +100,7 @@ pub const SDXL: Family = Family {
     single_file: Some("stabilityai/stable-diffusion-xl-base-1.0"),
     ip_adapters: true,
     adapters: true,
-    loras: false,
+    loras: true,
     embeddings: true,
 };
 

@@ -49,13 +49,20 @@ impl BaseModel {
         device: &Device,
         dtype: DType,
     ) -> Result<Self> {
-        let (unet_patches, text_patches) = lora_patches(plan, loras)?;
+        let LoraPatches {
+            unet: unet_patches,
+            text_encoder: text_patches,
+            text_encoder_2: text_2_patches,
+        } = lora_patches(plan, loras)?;
         let mut folder = plan.folder.clone();
-        if let Some(patches) = &unet_patches {
-            folder = folder.with_patches("unet", patches.clone());
-        }
-        if let Some(patches) = &text_patches {
-            folder = folder.with_patches("text_encoder", patches.clone());
+        for (component, patches) in [
+            ("unet", &unet_patches),
+            ("text_encoder", &text_patches),
+            ("text_encoder_2", &text_2_patches),
+        ] {
+            if let Some(patches) = patches {
+                folder = folder.with_patches(component, patches.clone());
+            }
         }
         let folder = &folder;
         let family = plan.kind.family();
@@ -101,7 +108,9 @@ impl BaseModel {
             Some(config) => Some(SecondTextEncoder {
                 tokenizer: folder.tokenizer_2()?,
                 encoder: ClipTextModelWithProjection::new(
-                    open_clip_text_encoder_weights(file)?.var_builder(dtype, device),
+                    open_clip_text_encoder_weights(file)?
+                        .with_patches(text_2_patches)
+                        .var_builder(dtype, device),
                     config,
                 )?,
             }),
@@ -283,58 +292,90 @@ type Patches = Option<std::sync::Arc<WeightPatches>>;
 
 /// The summed LoRA updates of a generation for the base's UNet and text encoder, each LoRA's
 /// keys resolved against the base's own weight names (a key that matches none is an error).
-fn lora_patches(plan: &BaseModelPlan, loras: &[LoraUse]) -> Result<(Patches, Patches)> {
+/// The summed LoRA updates of a generation for each patched component.
+#[derive(Default)]
+struct LoraPatches {
+    unet: Patches,
+    text_encoder: Patches,
+    text_encoder_2: Patches,
+}
+
+fn lora_patches(plan: &BaseModelPlan, loras: &[LoraUse]) -> Result<LoraPatches> {
     if loras.is_empty() {
-        return Ok((None, None));
+        return Ok(LoraPatches::default());
     }
-    // The base's weight names and shapes (headers only).
+    // The base's weight names and shapes (headers only), per component.
     type ShapeOf = Box<dyn Fn(&str) -> Option<Vec<usize>>>;
-    let (unet_names, unet_shape, text_names, text_shape): (
-        Vec<String>,
-        ShapeOf,
-        Vec<String>,
-        ShapeOf,
-    ) = match &plan.single_file {
+    let mut components: Vec<(Component, Vec<String>, ShapeOf)> = Vec::new();
+    match &plan.single_file {
         None => {
-            let unet = plan.folder.component_weights("unet")?;
-            let text = plan.folder.component_weights("text_encoder")?;
-            (
-                unet.tensor_names(),
-                Box::new(move |n: &str| unet.shape(n)),
-                text.tensor_names(),
-                Box::new(move |n: &str| text.shape(n)),
-            )
+            let mut add = |component: Component, folder_name: &str| -> Result<()> {
+                let store = plan.folder.component_weights(folder_name)?;
+                components.push((
+                    component,
+                    store.tensor_names(),
+                    Box::new(move |n: &str| store.shape(n)),
+                ));
+                Ok(())
+            };
+            add(Component::Unet, "unet")?;
+            add(Component::TextEncoder, "text_encoder")?;
+            if plan.text_encoder_2.is_some() {
+                add(Component::TextEncoder2, "text_encoder_2")?;
+            }
         }
         Some(file) => {
-            use ipcompose_models::single_file_base::{text_encoder_weights, unet_weights};
-            let unet = unet_weights(file, &plan.unet.layers_per_block)?;
-            let text = text_encoder_weights(file)?;
-            (
-                unet.names().map(str::to_string).collect(),
-                Box::new(move |n: &str| unet.shape(n)),
-                text.names().map(str::to_string).collect(),
-                Box::new(move |n: &str| text.shape(n)),
-            )
+            use ipcompose_models::single_file_base::{
+                open_clip_text_encoder_weights, text_encoder_weights, unet_weights,
+            };
+            let mut add =
+                |component: Component, weights: ipcompose_models::single_file::RenamedWeights| {
+                    components.push((
+                        component,
+                        weights.names().map(str::to_string).collect(),
+                        Box::new(move |n: &str| weights.shape(n)),
+                    ));
+                };
+            add(
+                Component::Unet,
+                unet_weights(file, &plan.unet.layers_per_block)?,
+            );
+            add(Component::TextEncoder, text_encoder_weights(file)?);
+            if plan.text_encoder_2.is_some() {
+                add(
+                    Component::TextEncoder2,
+                    open_clip_text_encoder_weights(file)?,
+                );
+            }
         }
-    };
-    let bases = [
-        ComponentWeights {
-            component: Component::Unet,
-            names: &unet_names,
-        },
-        ComponentWeights {
-            component: Component::TextEncoder,
-            names: &text_names,
-        },
-    ];
+    }
+    let bases: Vec<ComponentWeights> = components
+        .iter()
+        .map(|(component, names, _)| ComponentWeights {
+            component: *component,
+            names,
+            layers_per_block: if *component == Component::Unet {
+                &plan.unet.layers_per_block
+            } else {
+                &[]
+            },
+        })
+        .collect();
     let mut resolved = Vec::with_capacity(loras.len());
     for lora in loras {
         resolved.push((lora.lora.resolve(&bases)?, lora.scale));
     }
-    let unet = WeightPatches::build(&resolved, Component::Unet, |n| unet_shape(n))?;
-    let text = WeightPatches::build(&resolved, Component::TextEncoder, |n| text_shape(n))?;
-    let wrap = |p: WeightPatches| (!p.is_empty()).then(|| std::sync::Arc::new(p));
-    Ok((wrap(unet), wrap(text)))
+    let mut patches = LoraPatches::default();
+    for (component, _, shape_of) in &components {
+        let built = WeightPatches::build(&resolved, *component, |n| shape_of(n))?;
+        let built = (!built.is_empty()).then(|| std::sync::Arc::new(built));
+        match component {
+            Component::Unet => patches.unet = built,
+            Component::TextEncoder => patches.text_encoder = built,
+            Component::TextEncoder2 => patches.text_encoder_2 = built,
+        }
+    }
+    Ok(patches)
 }
 
 /// Everything besides the text context that steers a generation, prepared once before the

@@ -1054,11 +1054,13 @@ fn plan_lora_use(
     }
     let summary = &model.lora.summary();
     let expected = base.unet.cross_attention_dim;
-    let second_encoder = summary
+    // A file for a second text encoder needs a base that has one (SDXL).
+    let second_encoder_missing = summary
         .components
-        .contains(&ipcompose_models::lora::Component::TextEncoder2);
+        .contains(&ipcompose_models::lora::Component::TextEncoder2)
+        && base.text_encoder_2.is_none();
     let width_differs = summary.cross_attention_width.is_some_and(|w| w != expected);
-    if width_differs || second_encoder {
+    if width_differs || second_encoder_missing {
         return Err(cx.error(
             &at("model"),
             format!(
