@@ -38,6 +38,7 @@ fn main() -> anyhow::Result<()> {
         negative_prompt: Some("lowres, blurry".to_string()),
         prompt_2: None,
         negative_prompt_2: None,
+        prompt_syntax: Default::default(),
         micro_conditioning: None,
         width,
         height,

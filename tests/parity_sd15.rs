@@ -199,6 +199,7 @@ fn run_case(case: &Case) -> (f32, f32, f32) {
         negative_prompt: case.negative_prompt.clone(),
         prompt_2: None,
         negative_prompt_2: None,
+        prompt_syntax: Default::default(),
         micro_conditioning: None,
         width: case.width,
         height: case.height,

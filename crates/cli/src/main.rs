@@ -198,10 +198,17 @@ fn load_batch(path: &Path, from_png: bool, sets: &[String]) -> anyhow::Result<Ba
             eprintln!("warning: {input} changed since {} was made", path.display());
         }
     }
+    // Sweep runs repeat the same recipe lines: each warning once.
+    let mut warned = std::collections::BTreeSet::new();
+    for warning in batch.runs.iter().flat_map(|run| &run.plan.warnings) {
+        if warned.insert(warning) {
+            eprintln!("warning: {warning}");
+        }
+    }
     Ok(batch)
 }
 
-fn print_batch(batch: &Batch) {
+fn print_batch(batch: &Batch) -> anyhow::Result<()> {
     if let Some(sweep) = &batch.sweep {
         let axes: Vec<String> = sweep
             .axes
@@ -221,11 +228,12 @@ fn print_batch(batch: &Batch) {
         if !run.label.is_empty() {
             println!("== {}", run.label);
         }
-        print_plan(&run.plan);
+        print_plan(&run.plan)?;
     }
+    Ok(())
 }
 
-fn print_plan(plan: &Plan) {
+fn print_plan(plan: &Plan) -> anyhow::Result<()> {
     for (name, model) in &plan.models {
         println!(
             "model {name}: {:?} from {} (UNet {:?}, context {}, {} cross-attention layers)",
@@ -264,6 +272,9 @@ fn print_plan(plan: &Plan) {
         if !plan.needed.contains(&g.node) {
             println!("  (no output needs it: not run)");
         }
+        for line in ipcompose::pipeline::text::describe_prompts(plan, g)? {
+            println!("  {line}");
+        }
         for ip in &g.ip_adapters {
             let layers: Vec<String> = ip.layer_scales.iter().map(|s| format!("{s}")).collect();
             println!(
@@ -295,6 +306,7 @@ fn print_plan(plan: &Plan) {
     for o in &plan.outputs {
         println!("output {:?} of {} -> {}", o.kind, o.node, o.path.display());
     }
+    Ok(())
 }
 
 /// `--device` and `--dtype` as candle's types.
@@ -392,7 +404,7 @@ fn main() -> ExitCode {
         }),
         Command::Inspect { path } => inspect::inspect(&path),
         Command::Validate { recipe, sets } => {
-            load_batch(&recipe, false, &sets).map(|batch| print_batch(&batch))
+            load_batch(&recipe, false, &sets).and_then(|batch| print_batch(&batch))
         }
         Command::Embed {
             adapter,

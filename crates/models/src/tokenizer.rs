@@ -141,6 +141,8 @@ pub struct ClipTokenizer {
     /// Added words with several tokens (textual inversion): word → its tokens, space-separated,
     /// substituted in the text before tokenising (diffusers' `maybe_convert_prompt`).
     expansions: Vec<(String, String)>,
+    /// Added words (textual inversion): the first id and how many consecutive ids each has.
+    added_words: Vec<(u32, usize)>,
 }
 
 impl ClipTokenizer {
@@ -223,6 +225,7 @@ impl ClipTokenizer {
             max_len: settings.max_len,
             word_cache: Mutex::new(HashMap::new()),
             expansions: Vec::new(),
+            added_words: Vec::new(),
         })
     }
 
@@ -275,7 +278,32 @@ impl ClipTokenizer {
             self.expansions
                 .sort_by_key(|(w, _)| std::cmp::Reverse(w.len()));
         }
+        self.added_words.push((first, tokens.len()));
         Ok(first)
+    }
+
+    /// How many ids the added word (textual inversion) starting at `ids[position]` spans, when
+    /// one starts there with all its ids in order; `None` otherwise.
+    pub fn added_word_at(&self, ids: &[u32], position: usize) -> Option<usize> {
+        let first = *ids.get(position)?;
+        let &(start, len) = self.added_words.iter().find(|(start, _)| *start == first)?;
+        let run = ids.get(position..position + len)?;
+        run.iter()
+            .zip(start..)
+            .all(|(id, expected)| *id == expected)
+            .then_some(len)
+    }
+
+    /// The id of a vocabulary entry (`",</w>"` for the comma), if the vocabulary has it.
+    pub fn token_id(&self, token: &str) -> Option<u32> {
+        self.vocab.get(token).copied()
+    }
+
+    /// The ids of `text` without BOS / EOS, truncation or padding (multi-vector words
+    /// expanded), as transformers' tokenizer with `add_special_tokens=False, truncation=False`
+    /// after diffusers' `maybe_convert_prompt`.
+    pub fn content_ids_of(&self, text: &str) -> Vec<u32> {
+        self.content_ids(&self.expand(text))
     }
 
     /// The number of ids `encode` returns (the text encoder's context length).

@@ -14,6 +14,7 @@ pub mod noise;
 pub mod output;
 pub mod plan;
 pub mod preprocess;
+pub mod prompt_syntax;
 pub mod provenance;
 pub mod recipe;
 pub mod resample;

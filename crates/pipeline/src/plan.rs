@@ -22,6 +22,7 @@ use crate::ip::{Combine, IpAdapterUse, IpModelPlan, IpSource};
 use crate::ip_scale::resolve_scales;
 use crate::locate::line_of;
 use crate::preprocess::{cache_dir, plan_preprocessors, Declared, PreprocessPlan};
+pub use crate::prompt_syntax::PromptSyntax;
 use crate::recipe::ControlSpec;
 use crate::recipe::{GenerateSpec, IpAdapterSpec, ModelSpec, Node, Recipe, NODE_OPERATIONS};
 use crate::schedule::{window, Strength};
@@ -81,6 +82,8 @@ pub struct GenerationPlan {
     pub prompt_2: Option<String>,
     pub negative_prompt: Option<String>,
     pub negative_prompt_2: Option<String>,
+    /// How the prompts are read (weights, `BREAK`, long prompts).
+    pub prompt_syntax: PromptSyntax,
     /// SDXL's micro-conditioning with its defaults filled in; `None` for families without it.
     pub micro_conditioning: Option<MicroConditioning>,
     pub width: usize,
@@ -197,21 +200,37 @@ pub struct Plan {
     pub dependencies: BTreeMap<String, BTreeSet<String>>,
     /// The nodes the outputs need, directly or through others.
     pub needed: BTreeSet<String>,
+    /// What the recipe asks that is read differently from what it may mean (an unbalanced
+    /// bracket in a prompt), each naming its YAML line; the run goes on.
+    pub warnings: Vec<String>,
 }
 
-/// Errors that point at a place in the recipe file.
+/// Errors and warnings that point at a place in the recipe file.
 struct Context<'a> {
     text: &'a str,
     path: &'a Path,
+    warnings: std::cell::RefCell<Vec<String>>,
 }
 
 impl Context<'_> {
-    fn error(&self, keys: &[&str], message: impl std::fmt::Display) -> PipelineError {
+    fn place(&self, keys: &[&str]) -> String {
         let place = match line_of(self.text, keys) {
             Some(line) => format!("{}:{line}", self.path.display()),
             None => self.path.display().to_string(),
         };
-        PipelineError::Plan(format!("{place}: `{}`: {message}", keys.join(".")))
+        format!("{place}: `{}`", keys.join("."))
+    }
+
+    fn error(&self, keys: &[&str], message: impl std::fmt::Display) -> PipelineError {
+        PipelineError::Plan(format!("{}: {message}", self.place(keys)))
+    }
+
+    fn warn(&self, keys: &[&str], message: impl std::fmt::Display) {
+        let warning = format!("{}: {message}", self.place(keys));
+        let mut warnings = self.warnings.borrow_mut();
+        if !warnings.contains(&warning) {
+            warnings.push(warning);
+        }
     }
 }
 
@@ -249,6 +268,7 @@ impl Plan {
         let cx = Context {
             text,
             path: recipe_path,
+            warnings: Default::default(),
         };
         let mut models = BTreeMap::new();
         let mut ip_models = BTreeMap::new();
@@ -497,6 +517,7 @@ impl Plan {
             generated,
             dependencies,
             needed,
+            warnings: cx.warnings.into_inner(),
         })
     }
 
@@ -1394,6 +1415,7 @@ fn plan_generate(
             ),
         ));
     }
+    let prompt_syntax = plan_prompt_syntax(cx, name, spec)?;
     // An embedding's word in a prompt: its width must be the base text encoder's.
     for (model, e) in known.embeddings {
         let prompts = [
@@ -1488,6 +1510,7 @@ fn plan_generate(
         prompt_2: spec.prompt_2.clone(),
         negative_prompt: spec.negative_prompt.clone(),
         negative_prompt_2: spec.negative_prompt_2.clone(),
+        prompt_syntax,
         micro_conditioning,
         width,
         height,
@@ -1499,6 +1522,51 @@ fn plan_generate(
         init,
         clip_skip: spec.clip_skip,
     })
+}
+
+/// `prompt_syntax` and every prompt read in it: a prompt A1111 cannot read (a weight that is
+/// no number) is an error, an unbalanced bracket a warning, each with its column.
+fn plan_prompt_syntax(cx: &Context, name: &str, spec: &GenerateSpec) -> Result<PromptSyntax> {
+    let key = |k: &'static str| ["nodes", name, "generate", k];
+    let syntax = match &spec.prompt_syntax {
+        None => PromptSyntax::default(),
+        Some(value) => PromptSyntax::parse(value).ok_or_else(|| {
+            cx.error(
+                &key("prompt_syntax"),
+                format!(
+                    "unknown prompt_syntax `{value}` (valid: {})",
+                    PromptSyntax::NAMES
+                ),
+            )
+        })?,
+    };
+    let prompts = [
+        ("prompt", Some(&spec.prompt)),
+        ("prompt_2", spec.prompt_2.as_ref()),
+        ("negative_prompt", spec.negative_prompt.as_ref()),
+        ("negative_prompt_2", spec.negative_prompt_2.as_ref()),
+    ];
+    for (field, text) in prompts {
+        let Some(text) = text else { continue };
+        let parsed = crate::prompt_syntax::parse(text, syntax).map_err(|e| {
+            cx.error(
+                &key(field),
+                format!("{e} (prompt_syntax: {})", syntax.name()),
+            )
+        })?;
+        for warning in parsed.warnings {
+            cx.warn(
+                &key(field),
+                format!(
+                    "column {}: {} (prompt_syntax: {})",
+                    warning.column,
+                    warning.message,
+                    syntax.name()
+                ),
+            );
+        }
+    }
+    Ok(syntax)
 }
 
 /// The `generate` keys that only some families take (`prompt_2`, `negative_prompt_2`, the

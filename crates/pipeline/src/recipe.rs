@@ -331,6 +331,11 @@ pub struct GenerateSpec {
     /// `negative_prompt`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub negative_prompt_2: Option<String>,
+    /// How prompts are read: `a1111` (default: attention weights, `BREAK`, chunks of 75
+    /// tokens), `comfy` (ComfyUI's weights and chunks) or `plain` (as diffusers). See
+    /// `prompt_syntax.rs`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt_syntax: Option<String>,
     /// `[width, height]` in pixels.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub size: Option<[usize; 2]>,
