@@ -10,6 +10,10 @@ use common::{fx, scratch};
 /// The fixture standing in for each model kind, for a recipe on an SDXL base or not.
 fn tiny_source(kind: &str, source: &str, sdxl: bool) -> Vec<(String, String)> {
     match kind {
+        "sd15" if source.ends_with(".safetensors") => vec![
+            ("source".into(), fx("single-file/tiny-sd15.safetensors")),
+            ("config".into(), fx("tiny-sd15")),
+        ],
         "sd15" => vec![("source".into(), fx("tiny-sd15"))],
         "sdxl" => vec![("source".into(), fx("tiny-sdxl"))],
         "ip-adapter" => {
@@ -31,6 +35,11 @@ fn tiny_source(kind: &str, source: &str, sdxl: bool) -> Vec<(String, String)> {
         "controlnet" => vec![("source".into(), fx("controlnet/tiny-canny"))],
         "t2i-adapter" if sdxl => vec![("source".into(), fx("t2i/tiny-sdxl-full"))],
         "t2i-adapter" => vec![("source".into(), fx("t2i/tiny-full"))],
+        "lora" if source.contains("detail") => {
+            vec![("source".into(), fx("lora/kohya_attn_te.safetensors"))]
+        }
+        "lora" => vec![("source".into(), fx("lora/peft_unet_te.safetensors"))],
+        "embedding" => vec![("source".into(), fx("embedding/dusk.safetensors"))],
         "depth-anything" => vec![("source".into(), fx("depth/tiny-hf"))],
         "openpose" => vec![("source".into(), fx("pose/tiny_body_pose.pth"))],
         other => panic!("no tiny stand-in for model kind {other}"),
