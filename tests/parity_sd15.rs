@@ -520,6 +520,55 @@ fn turbo_style_euler_a_one_trailing_step_with_recorded_noise() {
     check_sampler_case("euler_a_trailing_g0");
 }
 
+/// Heun evaluates the UNet twice per step: each evaluation must get its step's ControlNet
+/// weight (diffusers applies the full-window scale at all 2N − 1 calls).
+#[test]
+fn heun_applies_a_controlnet_at_both_evaluations_of_a_step() {
+    let r = reference("pipe_heun_controlnet.safetensors");
+    let dir = common::scratch(&format!("sampler-heun-controlnet-{}", std::process::id()));
+    candle_core::safetensors::save(
+        &std::collections::HashMap::from([("latents", get(&r, "init_latents").clone())]),
+        dir.join("init.safetensors"),
+    )
+    .unwrap();
+    let text = format!(
+        r#"version: 1
+models:
+  base: {{kind: sd15, source: {base}}}
+  canny: {{kind: controlnet, source: {canny}}}
+images:
+  edges: {edges}
+nodes:
+  gen:
+    generate:
+      base: base
+      prompt: "a cozy house at dusk"
+      negative_prompt: "lowres, blurry"
+      size: [128, 128]
+      steps: 3
+      guidance: 7.5
+      scheduler: {{kind: heun}}
+      latents: init.safetensors
+      controls:
+        - {{model: canny, image: edges, scale: 0.8}}
+outputs:
+  - {{latents: gen, path: out.safetensors}}
+"#,
+        base = common::fx("tiny-sd15"),
+        canny = common::fx("controlnet/tiny-canny"),
+        edges = common::fx("controlnet/inputs/edges.png"),
+    );
+    let plan = common::plan(&dir, &text).unwrap_or_else(|e| panic!("{e}"));
+    let written = ipcompose::pipeline::run_plan(&plan, &common::run_options(), &mut |_, _| {})
+        .unwrap_or_else(|e| panic!("{e}"));
+    let latents = candle_core::safetensors::load(&written[0], &candle_core::Device::Cpu).unwrap()
+        ["latents"]
+        .clone();
+    let latent_diff = max_abs_diff(&latents, get(&r, "final_latents"));
+    let relative = latent_diff / max_abs(get(&r, "final_latents"));
+    assert_sampler_latents("heun_controlnet", latent_diff, relative);
+}
+
 #[test]
 fn every_sampler_case_has_a_test() {
     let tested = [
