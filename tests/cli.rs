@@ -130,7 +130,7 @@ outputs:
     std::fs::write(&recipe, text).unwrap();
     let (ok, stdout, stderr) = ipcompose(&["validate", recipe.to_str().unwrap()]);
     assert!(
-        ok && stdout.contains("Sdxl") && stdout.contains("Euler"),
+        ok && stdout.contains("Sdxl") && stdout.contains("steps of euler,"),
         "{stdout}{stderr}"
     );
     let (ok, _, stderr) = ipcompose(&["run", recipe.to_str().unwrap(), "--quiet"]);

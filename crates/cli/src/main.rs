@@ -256,7 +256,7 @@ fn print_plan(plan: &Plan) -> anyhow::Result<()> {
     }
     for g in &plan.generations {
         println!(
-            "generate {}: {}x{}, {} steps of {:?}, guidance {}, {:?}",
+            "generate {}: {}x{}, {} steps of {}, guidance {}, {:?}",
             g.node, g.width, g.height, g.steps, g.scheduler_kind, g.guidance, g.init
         );
         let reads: Vec<&str> = plan

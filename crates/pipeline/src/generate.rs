@@ -404,6 +404,7 @@ pub struct Guidance {
     pub rescale: f64,
 }
 
+/// Denoising progress in UNet evaluations (one per step, two per step but the last for Heun).
 #[derive(Debug, Clone, Copy)]
 pub struct Progress {
     pub step: usize,
@@ -461,14 +462,17 @@ pub fn denoise(
     let mut latents = (init.to_dtype(DType::F32)? * scheduler.init_noise_sigma())?;
     let timesteps = scheduler.timesteps().to_vec();
     let total = timesteps.len();
-    for (step, &t) in timesteps.iter().enumerate() {
+    for (index, &t) in timesteps.iter().enumerate() {
+        // Per-step condition weights go by inference step; Heun evaluates the model twice
+        // per step.
+        let step = scheduler.inference_step(index);
         let model_input = if text.guided {
             Tensor::cat(&[&latents, &latents], 0)?
         } else {
             latents.clone()
         };
         let model_input = scheduler
-            .scale_model_input(&model_input, step)?
+            .scale_model_input(&model_input, index)?
             .to_dtype(model_dtype)?;
         let ip_layers = step_injections(&conditions.ip_adapters, step);
         let context = TextContext {
@@ -498,9 +502,9 @@ pub fn denoise(
         } else {
             prediction
         };
-        latents = scheduler.step(&prediction, step, &latents, noise)?;
+        latents = scheduler.step(&prediction, index, &latents, noise)?;
         progress(Progress {
-            step: step + 1,
+            step: index + 1,
             total,
         });
     }

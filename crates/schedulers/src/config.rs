@@ -14,9 +14,42 @@ use crate::error::SchedulerError;
 use crate::schedule::{BetaSchedule, TimestepSpacing, TrainingSchedule};
 use crate::{PredictionType, SchedulerKind};
 
-use SchedulerKind::{Ddim, DpmPp2m, Euler, EulerAncestral};
+use SchedulerKind::{
+    Ddim, Ddpm, DpmPp2m, DpmPp2mSde, DpmPp2s, Euler, EulerAncestral, Heun, Lcm, Lms, UniPc,
+};
 
-const ALL_KINDS: &[SchedulerKind] = &[Ddim, Euler, EulerAncestral, DpmPp2m];
+const ALL_KINDS: &[SchedulerKind] = &[
+    Ddim,
+    Euler,
+    EulerAncestral,
+    DpmPp2m,
+    DpmPp2mSde,
+    DpmPp2s,
+    UniPc,
+    Heun,
+    Lms,
+    Ddpm,
+    Lcm,
+];
+/// The classes with `timestep_spacing` and `steps_offset` (not DPM singlestep, whose spacing
+/// is fixed, nor LCM, whose schedule comes from `original_inference_steps`).
+const SPACED_KINDS: &[SchedulerKind] = &[
+    Ddim,
+    Euler,
+    EulerAncestral,
+    DpmPp2m,
+    DpmPp2mSde,
+    UniPc,
+    Heun,
+    Lms,
+    Ddpm,
+];
+/// The classes with `use_karras_sigmas` (and the exponential / beta sigma options).
+const KARRAS_KINDS: &[SchedulerKind] = &[Euler, DpmPp2m, DpmPp2mSde, DpmPp2s, UniPc, Heun, Lms];
+const DPM_MULTISTEP: &[SchedulerKind] = &[DpmPp2m, DpmPp2mSde];
+const DPM_KINDS: &[SchedulerKind] = &[DpmPp2m, DpmPp2mSde, DpmPp2s];
+const DPM_AND_UNIPC: &[SchedulerKind] = &[DpmPp2m, DpmPp2mSde, DpmPp2s, UniPc];
+const CLIPPING_KINDS: &[SchedulerKind] = &[Ddim, Heun, Ddpm, Lcm];
 
 /// The shape a setting's value must have.
 #[derive(Debug, Clone, Copy)]
@@ -96,27 +129,27 @@ const SETTINGS: &[SettingSpec] = &[
     SettingSpec {
         key: "timestep_spacing",
         shape: ValueShape::Choice(SPACINGS),
-        used_by: ALL_KINDS,
+        used_by: SPACED_KINDS,
     },
     SettingSpec {
         key: "steps_offset",
         shape: ValueShape::Integer,
-        used_by: ALL_KINDS,
+        used_by: SPACED_KINDS,
     },
     SettingSpec {
         key: "clip_sample",
         shape: ValueShape::Bool,
-        used_by: &[Ddim],
+        used_by: CLIPPING_KINDS,
     },
     SettingSpec {
         key: "clip_sample_range",
         shape: ValueShape::Float,
-        used_by: &[Ddim],
+        used_by: CLIPPING_KINDS,
     },
     SettingSpec {
         key: "set_alpha_to_one",
         shape: ValueShape::Bool,
-        used_by: &[Ddim],
+        used_by: &[Ddim, Lcm],
     },
     SettingSpec {
         key: "eta",
@@ -126,47 +159,70 @@ const SETTINGS: &[SettingSpec] = &[
     SettingSpec {
         key: "use_karras_sigmas",
         shape: ValueShape::Bool,
-        used_by: &[Euler, DpmPp2m],
+        used_by: KARRAS_KINDS,
     },
     SettingSpec {
         key: "sigma_min",
         shape: ValueShape::OptionalFloat,
-        used_by: &[Euler],
+        used_by: &[Euler, UniPc],
     },
     SettingSpec {
         key: "sigma_max",
         shape: ValueShape::OptionalFloat,
-        used_by: &[Euler],
+        used_by: &[Euler, UniPc],
     },
     SettingSpec {
         key: "final_sigmas_type",
         shape: ValueShape::Choice(&["zero", "sigma_min"]),
-        used_by: &[Euler, DpmPp2m],
+        used_by: &[Euler, DpmPp2m, DpmPp2mSde, DpmPp2s, UniPc],
     },
     SettingSpec {
         key: "solver_order",
-        shape: ValueShape::IntegerChoice(&[1, 2]),
-        used_by: &[DpmPp2m],
+        shape: ValueShape::IntegerChoice(&[1, 2, 3]),
+        used_by: DPM_AND_UNIPC,
     },
     SettingSpec {
+        // DPM-Solver takes midpoint | heun, UniPC bh1 | bh2; each class maps the other
+        // family's names (and logrho) to its default, as diffusers' constructors do.
         key: "solver_type",
-        shape: ValueShape::Choice(&["midpoint", "heun"]),
-        used_by: &[DpmPp2m],
+        shape: ValueShape::Choice(&["midpoint", "heun", "bh1", "bh2", "logrho"]),
+        used_by: DPM_AND_UNIPC,
     },
     SettingSpec {
         key: "lower_order_final",
         shape: ValueShape::Bool,
-        used_by: &[DpmPp2m],
+        used_by: DPM_AND_UNIPC,
     },
     SettingSpec {
         key: "euler_at_final",
         shape: ValueShape::Bool,
-        used_by: &[DpmPp2m],
+        used_by: DPM_MULTISTEP,
     },
     SettingSpec {
         key: "lambda_min_clipped",
         shape: ValueShape::Float,
-        used_by: &[DpmPp2m],
+        used_by: DPM_KINDS,
+    },
+    SettingSpec {
+        // dpmpp-2m and dpmpp-2m-sde fix it by their name; the singlestep class takes either.
+        key: "algorithm_type",
+        shape: ValueShape::Choice(&["dpmsolver++", "sde-dpmsolver++"]),
+        used_by: &[DpmPp2s],
+    },
+    SettingSpec {
+        key: "variance_type",
+        shape: ValueShape::Choice(&["fixed_small", "fixed_small_log", "fixed_large"]),
+        used_by: &[Ddpm],
+    },
+    SettingSpec {
+        key: "original_inference_steps",
+        shape: ValueShape::Integer,
+        used_by: &[Lcm],
+    },
+    SettingSpec {
+        key: "timestep_scaling",
+        shape: ValueShape::Float,
+        used_by: &[Lcm],
     },
 ];
 
@@ -176,28 +232,38 @@ const ALIASES: &[(&str, &str)] = &[
     ("spacing", "timestep_spacing"),
 ];
 
-/// The one value of a guarded setting this crate implements.
+/// The values of a guarded setting this crate implements.
 #[derive(Debug, Clone, Copy)]
 enum OnlySupported {
     False,
+    True,
     Text(&'static str),
     Null,
+    EmptyList,
+    /// Anything but the listed strings (which the class treats specially).
+    NoneOf(&'static [&'static str]),
 }
 
 impl OnlySupported {
     fn accepts(self, value: &Value) -> bool {
         match self {
             Self::False => read_bool(value) == Some(false),
+            Self::True => read_bool(value) == Some(true),
             Self::Text(expected) => value.as_str() == Some(expected),
             Self::Null => value.is_null(),
+            Self::EmptyList => value.is_null() || value.as_array().is_some_and(Vec::is_empty),
+            Self::NoneOf(refused) => !value.as_str().is_some_and(|text| refused.contains(&text)),
         }
     }
 
     fn describe(self) -> String {
         match self {
             Self::False => "false".to_owned(),
+            Self::True => "true".to_owned(),
             Self::Text(expected) => format!("\"{expected}\""),
             Self::Null => "null".to_owned(),
+            Self::EmptyList => "[]".to_owned(),
+            Self::NoneOf(refused) => format!("anything but {}", refused.join(", ")),
         }
     }
 }
@@ -214,37 +280,46 @@ const GUARDED: &[GuardedSetting] = &[
     GuardedSetting {
         key: "rescale_betas_zero_snr",
         only_supported: OnlySupported::False,
-        used_by: ALL_KINDS,
+        used_by: &[
+            Ddim,
+            Euler,
+            EulerAncestral,
+            DpmPp2m,
+            DpmPp2mSde,
+            UniPc,
+            Ddpm,
+            Lcm,
+        ],
     },
     GuardedSetting {
         key: "thresholding",
         only_supported: OnlySupported::False,
-        used_by: &[Ddim, DpmPp2m],
+        used_by: &[Ddim, DpmPp2m, DpmPp2mSde, DpmPp2s, UniPc, Ddpm, Lcm],
     },
     GuardedSetting {
         key: "use_exponential_sigmas",
         only_supported: OnlySupported::False,
-        used_by: &[Euler, DpmPp2m],
+        used_by: KARRAS_KINDS,
     },
     GuardedSetting {
         key: "use_beta_sigmas",
         only_supported: OnlySupported::False,
-        used_by: &[Euler, DpmPp2m],
+        used_by: KARRAS_KINDS,
     },
     GuardedSetting {
         key: "use_lu_lambdas",
         only_supported: OnlySupported::False,
-        used_by: &[DpmPp2m],
+        used_by: DPM_MULTISTEP,
     },
     GuardedSetting {
         key: "use_flow_sigmas",
         only_supported: OnlySupported::False,
-        used_by: &[DpmPp2m],
+        used_by: DPM_AND_UNIPC,
     },
     GuardedSetting {
         key: "use_dynamic_shifting",
         only_supported: OnlySupported::False,
-        used_by: &[DpmPp2m],
+        used_by: DPM_AND_UNIPC,
     },
     GuardedSetting {
         key: "interpolation_type",
@@ -262,9 +337,25 @@ const GUARDED: &[GuardedSetting] = &[
         used_by: &[DpmPp2m],
     },
     GuardedSetting {
+        // "learned" variances need a UNet with twice the output channels.
         key: "variance_type",
+        only_supported: OnlySupported::NoneOf(&["learned", "learned_range"]),
+        used_by: DPM_KINDS,
+    },
+    GuardedSetting {
+        key: "predict_x0",
+        only_supported: OnlySupported::True,
+        used_by: &[UniPc],
+    },
+    GuardedSetting {
+        key: "disable_corrector",
+        only_supported: OnlySupported::EmptyList,
+        used_by: &[UniPc],
+    },
+    GuardedSetting {
+        key: "solver_p",
         only_supported: OnlySupported::Null,
-        used_by: &[DpmPp2m],
+        used_by: &[UniPc],
     },
 ];
 
@@ -272,14 +363,19 @@ const GUARDED: &[GuardedSetting] = &[
 fn class_default(kind: SchedulerKind, key: &str) -> Value {
     match (key, kind) {
         ("num_train_timesteps", _) => Value::from(1000),
+        // Heun and LCM default to the Stable Diffusion betas.
+        ("beta_start", Heun | Lcm) => Value::from(0.00085),
         ("beta_start", _) => Value::from(0.0001),
+        ("beta_end", Heun | Lcm) => Value::from(0.012),
         ("beta_end", _) => Value::from(0.02),
+        ("beta_schedule", Lcm) => Value::from("scaled_linear"),
         ("beta_schedule", _) => Value::from("linear"),
         ("prediction_type", _) => Value::from("epsilon"),
-        ("timestep_spacing", Ddim) => Value::from("leading"),
+        ("timestep_spacing", Ddim | Ddpm | Lcm) => Value::from("leading"),
         ("timestep_spacing", _) => Value::from("linspace"),
         ("steps_offset", _) => Value::from(0),
-        // DDIM's class default is `true`; the SD files set it to false (pitfall H.4).
+        // DDIM's and DDPM's class default is `true`; the SD files set it to false (pitfall H.4).
+        ("clip_sample", Heun | Lcm) => Value::Bool(false),
         ("clip_sample", _) => Value::Bool(true),
         ("clip_sample_range", _) => Value::from(1.0),
         ("set_alpha_to_one", _) => Value::Bool(true),
@@ -287,11 +383,17 @@ fn class_default(kind: SchedulerKind, key: &str) -> Value {
         ("use_karras_sigmas", _) => Value::Bool(false),
         ("final_sigmas_type", _) => Value::from("zero"),
         ("solver_order", _) => Value::from(2),
+        ("solver_type", UniPc) => Value::from("bh2"),
         ("solver_type", _) => Value::from("midpoint"),
+        ("lower_order_final", DpmPp2s) => Value::Bool(false),
         ("lower_order_final", _) => Value::Bool(true),
         ("euler_at_final", _) => Value::Bool(false),
         // JSON has no infinities; the float reader accepts this spelling.
         ("lambda_min_clipped", _) => Value::from("-Infinity"),
+        ("algorithm_type", _) => Value::from("dpmsolver++"),
+        ("variance_type", Ddpm) => Value::from("fixed_small"),
+        ("original_inference_steps", _) => Value::from(50),
+        ("timestep_scaling", _) => Value::from(10.0),
         // trained_betas, sigma_min, sigma_max default to None.
         _ => Value::Null,
     }
@@ -416,7 +518,12 @@ impl SchedulerConfig {
                 }
             }
         };
-        let spacing_name = self.choice(kind, "timestep_spacing")?;
+        // Classes without the setting get a placeholder they never read.
+        let spacing_name = if uses(kind, "timestep_spacing") {
+            self.choice(kind, "timestep_spacing")?
+        } else {
+            "linspace".to_owned()
+        };
         let spacing = TimestepSpacing::from_name(&spacing_name).ok_or_else(|| {
             SchedulerError::Unsupported {
                 kind,
@@ -425,12 +532,17 @@ impl SchedulerConfig {
                 supported: SPACINGS.join(", "),
             }
         })?;
+        let steps_offset = if uses(kind, "steps_offset") {
+            self.integer(kind, "steps_offset")?
+        } else {
+            0
+        };
         Ok(CommonSettings {
             schedule: TrainingSchedule::new(&betas, num_train_timesteps)?,
             num_train_timesteps,
             prediction: self.prediction_type(kind)?,
             spacing,
-            steps_offset: self.integer(kind, "steps_offset")?,
+            steps_offset,
         })
     }
 
@@ -470,6 +582,56 @@ impl SchedulerConfig {
             }
         }
         Ok(())
+    }
+
+    /// `solver_order` for a class implemented up to order `max`.
+    pub(crate) fn solver_order(
+        &self,
+        kind: SchedulerKind,
+        max: usize,
+    ) -> Result<usize, SchedulerError> {
+        let order = self.integer(kind, "solver_order")?;
+        match usize::try_from(order) {
+            Ok(order) if (1..=max).contains(&order) => Ok(order),
+            _ => Err(SchedulerError::Unsupported {
+                kind,
+                key: "solver_order".to_owned(),
+                value: order.to_string(),
+                supported: (1..=max)
+                    .map(|order| order.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            }),
+        }
+    }
+
+    /// `solver_type` as `kind`'s class resolves it. A file value outside `native` becomes
+    /// `native[0]` (the class default), as diffusers' constructor re-registers it (a UniPC
+    /// config read by DPM-Solver gives midpoint, and the other way round bh2); an override
+    /// must be one of `native`.
+    pub(crate) fn solver_type(
+        &self,
+        kind: SchedulerKind,
+        native: &[&'static str],
+    ) -> Result<&'static str, SchedulerError> {
+        let value = self.choice(kind, "solver_type")?;
+        if let Some(found) = native.iter().find(|name| **name == value) {
+            return Ok(found);
+        }
+        if self.is_overridden("solver_type") {
+            return Err(SchedulerError::Unsupported {
+                kind,
+                key: "solver_type".to_owned(),
+                value: format!("\"{value}\""),
+                supported: native.join(", "),
+            });
+        }
+        Ok(native[0])
+    }
+
+    /// Whether `key` was set through [`SchedulerConfig::with_override`].
+    pub(crate) fn is_overridden(&self, key: &str) -> bool {
+        self.overridden.contains(key)
     }
 
     /// The value `kind` sees for `key`: the config's, or the class default.
@@ -557,6 +719,11 @@ impl SchedulerConfig {
             expected: shape.describe(),
         }
     }
+}
+
+/// Whether `kind`'s class reads `key`.
+fn uses(kind: SchedulerKind, key: &str) -> bool {
+    find_setting(key).is_some_and(|spec| spec.used_by.contains(&kind))
 }
 
 fn find_setting(key: &str) -> Option<&'static SettingSpec> {

@@ -1,4 +1,5 @@
-//! Noise schedulers matching diffusers: DDIM, Euler, Euler ancestral and DPM-Solver++ 2M.
+//! Noise schedulers matching diffusers: DDIM, DDPM, Euler, Euler ancestral, Heun, LMS,
+//! DPM-Solver++ 2M (and its SDE variant), DPM-Solver++ singlestep, UniPC and LCM.
 //!
 //! Tables (timesteps, sigmas) are computed on the host exactly as diffusers does (see
 //! `schedule`); the per-step update runs on the sample's device.
@@ -15,13 +16,19 @@
 
 mod config;
 mod ddim;
+mod ddpm;
 mod dpm;
+mod dpm_singlestep;
 mod error;
 mod euler;
 mod euler_ancestral;
+mod heun;
+mod lcm;
+mod lms;
 mod noise;
 mod ops;
 mod schedule;
+mod unipc;
 
 use std::fmt;
 use std::str::FromStr;
@@ -43,11 +50,71 @@ pub enum SchedulerKind {
     EulerAncestral,
     /// `DPMSolverMultistepScheduler` (dpmsolver++, second order).
     DpmPp2m,
+    /// `DPMSolverMultistepScheduler` with `algorithm_type = "sde-dpmsolver++"` (stochastic).
+    DpmPp2mSde,
+    /// `DPMSolverSinglestepScheduler` (dpmsolver++, second order): diffusers' closest match to
+    /// A1111's "DPM++ 2S a", which diffusers does not have.
+    DpmPp2s,
+    /// `UniPCMultistepScheduler` (bh2 predictor-corrector).
+    UniPc,
+    /// `HeunDiscreteScheduler`: two model evaluations per step.
+    Heun,
+    /// `LMSDiscreteScheduler` (linear multistep, order 4).
+    Lms,
+    /// `DDPMScheduler` (ancestral, stochastic).
+    Ddpm,
+    /// `LCMScheduler`, for latent consistency models and LCM-LoRAs.
+    Lcm,
 }
+
+/// Canonical name (as [`SchedulerKind::name`]) and accepted aliases of each kind.
+const KIND_NAMES: &[(SchedulerKind, &str, &[&str])] = &[
+    (SchedulerKind::Ddim, "ddim", &[]),
+    (SchedulerKind::Euler, "euler", &[]),
+    (
+        SchedulerKind::EulerAncestral,
+        "euler-a",
+        &["euler_a", "euler-ancestral"],
+    ),
+    (SchedulerKind::DpmPp2m, "dpmpp-2m", &["dpm++2m", "dpmpp_2m"]),
+    (
+        SchedulerKind::DpmPp2mSde,
+        "dpmpp-2m-sde",
+        &["dpm++2m-sde", "dpmpp_2m_sde"],
+    ),
+    (
+        SchedulerKind::DpmPp2s,
+        "dpmpp-2s",
+        &[
+            "dpmpp-2s-a",
+            "dpm++2s",
+            "dpm++2s-a",
+            "dpmpp_2s",
+            "dpmpp_2s_a",
+        ],
+    ),
+    (SchedulerKind::UniPc, "unipc", &["uni-pc", "uni_pc"]),
+    (SchedulerKind::Heun, "heun", &[]),
+    (SchedulerKind::Lms, "lms", &[]),
+    (SchedulerKind::Ddpm, "ddpm", &[]),
+    (SchedulerKind::Lcm, "lcm", &[]),
+];
 
 impl SchedulerKind {
     /// The canonical command-line names.
-    pub const NAMES: &'static [&'static str] = &["ddim", "euler", "euler-a", "dpmpp-2m"];
+    pub const NAMES: &'static [&'static str] = &[
+        "ddim",
+        "euler",
+        "euler-a",
+        "dpmpp-2m",
+        "dpmpp-2m-sde",
+        "dpmpp-2s",
+        "unipc",
+        "heun",
+        "lms",
+        "ddpm",
+        "lcm",
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -55,6 +122,13 @@ impl SchedulerKind {
             Self::Euler => "euler",
             Self::EulerAncestral => "euler-a",
             Self::DpmPp2m => "dpmpp-2m",
+            Self::DpmPp2mSde => "dpmpp-2m-sde",
+            Self::DpmPp2s => "dpmpp-2s",
+            Self::UniPc => "unipc",
+            Self::Heun => "heun",
+            Self::Lms => "lms",
+            Self::Ddpm => "ddpm",
+            Self::Lcm => "lcm",
         }
     }
 }
@@ -69,18 +143,27 @@ impl FromStr for SchedulerKind {
     type Err = SchedulerError;
 
     fn from_str(name: &str) -> Result<Self, Self::Err> {
-        match name.trim().to_ascii_lowercase().as_str() {
-            "ddim" => Ok(Self::Ddim),
-            "euler" => Ok(Self::Euler),
-            "euler-a" | "euler_a" | "euler-ancestral" => Ok(Self::EulerAncestral),
-            "dpmpp-2m" | "dpm++2m" | "dpmpp_2m" => Ok(Self::DpmPp2m),
-            _ => Err(SchedulerError::UnknownKind {
+        let wanted = name.trim().to_ascii_lowercase();
+        KIND_NAMES
+            .iter()
+            .find(|(_, canonical, aliases)| {
+                *canonical == wanted || aliases.contains(&wanted.as_str())
+            })
+            .map(|(kind, _, _)| *kind)
+            .ok_or_else(|| SchedulerError::UnknownKind {
                 name: name.to_owned(),
-                valid:
-                    "ddim, euler, euler-a (euler_a, euler-ancestral), dpmpp-2m (dpm++2m, dpmpp_2m)"
-                        .to_owned(),
-            }),
-        }
+                valid: KIND_NAMES
+                    .iter()
+                    .map(|(_, canonical, aliases)| {
+                        if aliases.is_empty() {
+                            (*canonical).to_owned()
+                        } else {
+                            format!("{canonical} ({})", aliases.join(", "))
+                        }
+                    })
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            })
     }
 }
 
@@ -98,10 +181,21 @@ pub trait NoiseSource {
     fn sample(&mut self, shape: &[usize], device: &Device) -> candle_core::Result<Tensor>;
 }
 
-/// One configured sampling schedule. Step `i` feeds `timesteps()[i]` to the UNet.
+/// One configured sampling schedule. Step `i` feeds `timesteps()[i]` to the UNet: one model
+/// evaluation per entry, as diffusers' denoising loop does. A scheduler that evaluates the
+/// model twice per step (Heun) lists the timesteps of both evaluations, so `timesteps()` can
+/// be longer than the number of inference steps.
 pub trait Scheduler: Send {
-    /// The timestep the UNet gets at each step (fractional for Euler with Karras sigmas).
+    /// The timestep the UNet gets at each model evaluation (fractional for Euler with Karras
+    /// sigmas).
     fn timesteps(&self) -> &[f64];
+
+    /// The inference step (`0..num_inference_steps`) that model evaluation `index` belongs to,
+    /// for per-step settings such as condition strengths. The identity except for schedulers
+    /// with several evaluations per step.
+    fn inference_step(&self, index: usize) -> usize {
+        index
+    }
 
     /// Multiply the initial N(0, 1) latents (user-supplied ones too) by this.
     fn init_noise_sigma(&self) -> f64;
@@ -151,12 +245,56 @@ pub fn build_scheduler(
             common,
             num_inference_steps,
         )),
-        SchedulerKind::DpmPp2m => Box::new(dpm::DpmSolverScheduler::new(
+        SchedulerKind::DpmPp2m | SchedulerKind::DpmPp2mSde => Box::new(
+            dpm::DpmSolverScheduler::new(kind, config, common, num_inference_steps)?,
+        ),
+        SchedulerKind::DpmPp2s => Box::new(dpm_singlestep::DpmSinglestepScheduler::new(
             config,
             common,
             num_inference_steps,
         )?),
+        SchedulerKind::UniPc => Box::new(unipc::UniPcScheduler::new(
+            config,
+            common,
+            num_inference_steps,
+        )?),
+        SchedulerKind::Heun => Box::new(heun::HeunScheduler::new(
+            config,
+            common,
+            num_inference_steps,
+        )?),
+        SchedulerKind::Lms => {
+            Box::new(lms::LmsScheduler::new(config, common, num_inference_steps)?)
+        }
+        SchedulerKind::Ddpm => Box::new(ddpm::DdpmScheduler::new(
+            config,
+            common,
+            num_inference_steps,
+        )?),
+        SchedulerKind::Lcm => {
+            Box::new(lcm::LcmScheduler::new(config, common, num_inference_steps)?)
+        }
     })
+}
+
+/// Refuses a step that does not follow the previous one, for schedulers that keep history
+/// between steps; `last` is the previous step taken, if any. Returns whether this step starts
+/// a new run (step 0, or a first step elsewhere, which starts mid-schedule without history).
+fn check_step_order(
+    kind: SchedulerKind,
+    last: Option<usize>,
+    step_index: usize,
+) -> Result<bool, SchedulerError> {
+    match last {
+        _ if step_index == 0 => Ok(true),
+        None => Ok(true),
+        Some(last) if step_index == last + 1 => Ok(false),
+        Some(last) => Err(SchedulerError::StepOutOfOrder {
+            kind,
+            expected: last + 1,
+            got: step_index,
+        }),
+    }
 }
 
 fn check_step_index(step_index: usize, len: usize) -> Result<(), SchedulerError> {
@@ -188,7 +326,14 @@ mod tests {
             "DPM++2M".parse::<SchedulerKind>().ok(),
             Some(SchedulerKind::DpmPp2m)
         );
-        let error = "lms".parse::<SchedulerKind>().expect_err("unknown");
-        assert!(error.to_string().contains("dpmpp-2m"), "{error}");
+        assert_eq!(
+            "DPMPP-2S-A".parse::<SchedulerKind>().ok(),
+            Some(SchedulerKind::DpmPp2s)
+        );
+        let error = "lmss".parse::<SchedulerKind>().expect_err("unknown");
+        let message = error.to_string();
+        for name in SchedulerKind::NAMES {
+            assert!(message.contains(name), "{message}");
+        }
     }
 }
