@@ -34,5 +34,8 @@ mod parity_sdxl;
 #[path = "parity_sdxl_control.rs"]
 mod parity_sdxl_control;
 
+#[path = "parity_sdxl_samplers.rs"]
+mod parity_sdxl_samplers;
+
 #[path = "pipeline_embedding.rs"]
 mod pipeline_embedding;
