@@ -50,6 +50,19 @@ fn kohya_locon_and_peft_files_together() {
     );
 }
 
+/// peft DoRA (`lora_magnitude_vector`) on UNet linears and 3×3 convolutions at 0.8, with a
+/// plain LoRA on the text encoder, against diffusers' `load_lora_weights` + `set_adapters`
+/// (make_dora_fixtures.py).
+#[test]
+fn peft_dora() {
+    run_generate_case(
+        "lora_dora",
+        &lora_models(&[("dora", "peft_dora.safetensors")]),
+        "",
+        &loras(&[("dora", 0.8)]),
+    );
+}
+
 #[test]
 fn lycoris_loha() {
     run_generate_case(

@@ -114,6 +114,9 @@ pub struct ModuleUpdate {
     update: Update,
     /// `alpha / rank` (or 1 where the format says so).
     scale: f64,
+    /// DoRA (peft's `lora_magnitude_vector`, kohya's `dora_scale`): the magnitude per output
+    /// channel the updated weight is renormalised to.
+    magnitude: Option<Tensor>,
 }
 
 impl ModuleUpdate {
@@ -323,12 +326,13 @@ impl LoraFile {
                 unmatched.push(stem);
                 continue;
             };
-            let update = self.update(&stem, &parts, &module, component)?;
+            let (update, scale, magnitude) = self.update(&stem, &parts, &module, component)?;
             updates.push(ModuleUpdate {
                 component,
                 weight: format!("{module}.weight"),
-                update: update.0,
-                scale: update.1,
+                update,
+                scale,
+                magnitude,
             });
         }
         unknown.sort();
@@ -358,7 +362,7 @@ impl LoraFile {
         parts: &BTreeMap<String, Tensor>,
         module: &str,
         component: Component,
-    ) -> Result<(Update, f64)> {
+    ) -> Result<(Update, f64, Option<Tensor>)> {
         let get = |name: &str| -> Result<Tensor> {
             parts.get(name).cloned().ok_or_else(|| {
                 ModelError::Weights(format!(
@@ -375,8 +379,12 @@ impl LoraFile {
             ))
         };
         for part in parts.keys() {
-            if part.contains("dora_scale") || part.contains("lora_magnitude_vector") {
-                return Err(refuse("DoRA"));
+            // DoRA is applied as peft stores it (`lora_magnitude_vector`); kohya / LyCORIS
+            // `dora_scale` tensors (other shapes and conventions) are refused.
+            if part.contains("dora_scale")
+                || (part.contains("lora_magnitude_vector") && self.format != LoraFormat::Peft)
+            {
+                return Err(refuse("DoRA in a kohya / LyCORIS file (`dora_scale`)"));
             }
             if part.starts_with("lora_mid")
                 || part.starts_with("hada_t")
@@ -412,7 +420,11 @@ impl LoraFile {
                 } else {
                     alpha_scale(alpha, rank)
                 };
-                Ok((Update::LoRa { down, up }, scale))
+                let magnitude = parts
+                    .get("lora_magnitude_vector")
+                    .map(|m| m.to_dtype(DType::F32)?.flatten_all())
+                    .transpose()?;
+                Ok((Update::LoRa { down, up }, scale, magnitude))
             }
             LoraFormat::LoHa => {
                 let w1b = get("hada_w1_b")?;
@@ -425,6 +437,7 @@ impl LoraFile {
                         w2b: get("hada_w2_b")?,
                     },
                     alpha_scale(alpha, rank),
+                    None,
                 ))
             }
             LoraFormat::LoKr => {
@@ -443,7 +456,7 @@ impl LoraFile {
                     (Some(dim), Some(alpha)) if dim > 0 => alpha / dim as f64,
                     _ => 1.0,
                 };
-                Ok((Update::LoKr { w1, w2 }, scale))
+                Ok((Update::LoKr { w1, w2 }, scale, None))
             }
         }
     }
@@ -708,7 +721,11 @@ fn diffusers_stem_of_original(stem: &str, layers_per_block: &[usize]) -> Option<
 /// the weights as they load.
 #[derive(Debug, Clone, Default)]
 pub struct WeightPatches {
+    /// Summed `scale · ΔW` of the plain updates, by weight name.
     deltas: HashMap<String, Tensor>,
+    /// DoRA updates by weight name: (magnitude `[out]`, `scale · ΔW`), each renormalised against
+    /// the base weight when it loads (the weight is needed, so this cannot be summed ahead).
+    dora: HashMap<String, Vec<(Tensor, Tensor)>>,
 }
 
 impl WeightPatches {
@@ -719,6 +736,7 @@ impl WeightPatches {
         shape_of: impl Fn(&str) -> Option<Vec<usize>>,
     ) -> Result<Self> {
         let mut deltas: HashMap<String, Tensor> = HashMap::new();
+        let mut dora: HashMap<String, Vec<(Tensor, Tensor)>> = HashMap::new();
         for (updates, scale) in loras {
             for update in updates.iter().filter(|u| u.component == component) {
                 let shape = shape_of(&update.weight).ok_or_else(|| {
@@ -729,6 +747,19 @@ impl WeightPatches {
                     ))
                 })?;
                 let delta = (update.delta(&shape)? * *scale)?;
+                if let Some(magnitude) = &update.magnitude {
+                    let out = shape.first().copied().unwrap_or(0);
+                    if magnitude.elem_count() != out {
+                        return Err(update.mismatch(
+                            &shape,
+                            &format!("a DoRA magnitude of {:?}", magnitude.dims()),
+                        ));
+                    }
+                    dora.entry(update.weight.clone())
+                        .or_default()
+                        .push((magnitude.clone(), delta));
+                    continue;
+                }
                 let summed = match deltas.remove(&update.weight) {
                     Some(previous) => (previous + delta)?,
                     None => delta,
@@ -736,20 +767,46 @@ impl WeightPatches {
                 deltas.insert(update.weight.clone(), summed);
             }
         }
-        Ok(Self { deltas })
+        Ok(Self { deltas, dora })
     }
 
     pub fn is_empty(&self) -> bool {
-        self.deltas.is_empty()
+        self.deltas.is_empty() && self.dora.is_empty()
     }
 
-    /// `weight + ΔW` in f32 when the weight is patched (the caller converts to the model's
-    /// dtype once), `weight` unchanged otherwise.
+    /// The patched weight in f32 when the weight is patched (the caller converts to the
+    /// model's dtype once), `weight` unchanged otherwise: `W + ΣΔW`, plus for each DoRA
+    /// update, as peft computes it against the base weight `W`,
+    /// `(m / ‖W + ΔW‖ − 1) · W + (m / ‖W + ΔW‖) · ΔW` (row norms over each output channel).
     pub fn apply(&self, name: &str, weight: Tensor) -> candle_core::Result<Tensor> {
-        match self.deltas.get(name) {
-            Some(delta) => weight.to_dtype(DType::F32)? + delta.to_device(weight.device())?,
-            None => Ok(weight),
+        let delta = self.deltas.get(name);
+        let dora = self.dora.get(name);
+        if delta.is_none() && dora.is_none() {
+            return Ok(weight);
         }
+        let base = weight.to_dtype(DType::F32)?;
+        let mut patched = match delta {
+            Some(delta) => (&base + delta.to_device(base.device())?)?,
+            None => base.clone(),
+        };
+        for (magnitude, delta) in dora.into_iter().flatten() {
+            let dims = base.dims().to_vec();
+            let out = dims.first().copied().unwrap_or(1);
+            let delta = delta.to_device(base.device())?;
+            let rows = (&base + &delta)?.reshape((out, ()))?;
+            let norm = rows.sqr()?.sum_keepdim(1)?.sqrt()?;
+            let factor = magnitude
+                .to_device(base.device())?
+                .reshape((out, 1))?
+                .div(&norm)?;
+            let mut shape = vec![out];
+            shape.extend(std::iter::repeat_n(1, dims.len().saturating_sub(1)));
+            let factor = factor.reshape(shape)?;
+            let scaled_base = base.broadcast_mul(&(&factor - 1.0)?)?;
+            let scaled_delta = delta.broadcast_mul(&factor)?;
+            patched = ((patched + scaled_base)? + scaled_delta)?;
+        }
+        Ok(patched)
     }
 
     /// The same patches under other names (a single-file checkpoint's own names); weights
@@ -761,12 +818,22 @@ impl WeightPatches {
                 .iter()
                 .filter_map(|(k, v)| Some((rename(k)?, v.clone())))
                 .collect(),
+            dora: self
+                .dora
+                .iter()
+                .filter_map(|(k, v)| Some((rename(k)?, v.clone())))
+                .collect(),
         }
     }
 
     /// How many weights are patched.
     pub fn len(&self) -> usize {
         self.deltas.len()
+            + self
+                .dora
+                .keys()
+                .filter(|k| !self.deltas.contains_key(*k))
+                .count()
     }
 }
 
@@ -847,6 +914,36 @@ mod tests {
     }
 
     #[test]
+    fn dora_renormalises_each_output_row_to_its_magnitude() {
+        // W = [[3, 0], [0, 1]], ΔW = [[1, 0], [0, 1]] (up [[1], [1]] · down [[1, 1]] would mix;
+        // use rank 2 as identity), m = [2, 4]: rows of W + ΔW are [4, 0] and [0, 2] (norms 4, 2),
+        // so the weight becomes [[2, 0], [0, 4]].
+        let update = ModuleUpdate {
+            component: Component::Unet,
+            weight: "w.weight".into(),
+            update: Update::LoRa {
+                down: t(&[2, 2], vec![1.0, 0.0, 0.0, 1.0]),
+                up: t(&[2, 2], vec![1.0, 0.0, 0.0, 1.0]),
+            },
+            scale: 1.0,
+            magnitude: Some(t(&[2], vec![2.0, 4.0])),
+        };
+        let patches = WeightPatches::build(&[(vec![update], 1.0)], Component::Unet, |_| {
+            Some(vec![2, 2])
+        })
+        .unwrap();
+        let w = patches
+            .apply("w.weight", t(&[2, 2], vec![3.0, 0.0, 0.0, 1.0]))
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        assert_eq!(w, vec![2.0, 0.0, 0.0, 4.0]);
+        assert_eq!(patches.len(), 1);
+    }
+
+    #[test]
     fn lokr_delta_is_the_kronecker_product() {
         // W1 = [[1, 2]], W2 = [[1], [10]] -> kron = [[1, 2], [10, 20]] (out 2 = 1·2, in 2 = 2·1).
         let update = ModuleUpdate {
@@ -857,6 +954,7 @@ mod tests {
                 w2: Factor::Full(t(&[2, 1], vec![1.0, 10.0])),
             },
             scale: 0.5,
+            magnitude: None,
         };
         let d = update
             .delta(&[2, 2])
@@ -879,6 +977,7 @@ mod tests {
                 up: t(&[2, 1, 1, 1], vec![3.0, 4.0]),
             },
             scale: 1.0,
+            magnitude: None,
         };
         let d = update
             .delta(&[2, 1, 2, 1])
