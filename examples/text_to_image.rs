@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use candle_core::{DType, Device};
-use ipcompose::pipeline::output::save_png;
+use ipcompose::pipeline::io::output::save_png;
 use ipcompose::pipeline::plan::{GenerationPlan, InitialNoise};
 use ipcompose::pipeline::BaseModel;
 use ipcompose::schedulers::{SchedulerConfig, SchedulerKind};

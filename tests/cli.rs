@@ -248,7 +248,7 @@ fn png_carries_the_recipe_and_from_reruns_it() {
     ]);
     assert!(ok, "{stderr}");
     let png = dir.join("recipes/out/house.png");
-    let embedded = ipcompose::pipeline::provenance::read_embedded(&png).unwrap();
+    let embedded = ipcompose::pipeline::io::provenance::read_embedded(&png).unwrap();
     assert!(
         embedded.contains("seed: 9"),
         "the --set value is what ran:\n{embedded}"
@@ -440,7 +440,7 @@ fn sweep_writes_every_combination_and_a_labelled_grid() {
     for guidance in ["1.0", "7.5"] {
         for seed in ["1", "2"] {
             let png = out.join(format!("house_seed-{seed}_guidance-{guidance}.png"));
-            let embedded = ipcompose::pipeline::provenance::read_embedded(&png)
+            let embedded = ipcompose::pipeline::io::provenance::read_embedded(&png)
                 .unwrap_or_else(|e| panic!("{}: {e}", png.display()));
             // Each image carries its own single-valued recipe, so `run --from` redoes it.
             assert!(embedded.contains(&format!("seed: {seed}\n")), "{embedded}");

@@ -16,7 +16,7 @@ use std::collections::HashMap;
 use candle_core::{DType, Device, Tensor};
 use common::{fixtures, fx, get, max_abs, max_abs_diff, plan, reference, scratch};
 use ipcompose::models::embedding::TextualInversion;
-use ipcompose::pipeline::prompt_syntax::{tokenize_prompt, PromptSyntax};
+use ipcompose::pipeline::recipe::prompt_syntax::{tokenize_prompt, PromptSyntax};
 use ipcompose::pipeline::BaseModel;
 
 const EMBEDDING_TOLERANCE: f32 = 1e-5;

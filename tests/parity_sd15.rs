@@ -10,8 +10,8 @@ mod common;
 use candle_core::{DType, Tensor};
 use common::{fixtures, get, max_abs, max_abs_diff, reference};
 use ipcompose::models::unet::Injections;
-use ipcompose::pipeline::generate::{denoise, Conditions, TextConditioning};
 use ipcompose::pipeline::plan::{GenerationPlan, InitialNoise};
+use ipcompose::pipeline::run::denoise::{denoise, Conditions, TextConditioning};
 use ipcompose::pipeline::BaseModel;
 use ipcompose::schedulers::{build_scheduler, ReplayNoise, SchedulerConfig, SchedulerKind};
 

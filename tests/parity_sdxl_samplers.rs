@@ -7,9 +7,9 @@ mod common;
 
 use candle_core::Tensor;
 use common::{fixtures, get, max_abs, max_abs_diff, reference};
-use ipcompose::pipeline::family::MicroConditioning;
-use ipcompose::pipeline::generate::{denoise, Conditions};
+use ipcompose::pipeline::plan::family::MicroConditioning;
 use ipcompose::pipeline::plan::{GenerationPlan, InitialNoise};
+use ipcompose::pipeline::run::denoise::{denoise, Conditions};
 use ipcompose::pipeline::BaseModel;
 use ipcompose::schedulers::{build_scheduler, ReplayNoise, SchedulerConfig, SchedulerKind};
 

@@ -6,7 +6,7 @@ mod common;
 use std::path::Path;
 
 use common::{fx, scratch};
-use ipcompose::pipeline::batch::Batch;
+use ipcompose::pipeline::run::batch::Batch;
 
 fn header() -> String {
     format!(

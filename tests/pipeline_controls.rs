@@ -5,7 +5,8 @@
 mod common;
 
 use common::{fixtures, fx, get, max_abs_diff, reference, run_generate_case};
-use ipcompose::pipeline::control::{prepare_hint, ResizeMode};
+use ipcompose::pipeline::plan::control::ResizeMode;
+use ipcompose::pipeline::run::control::prepare_hint;
 
 fn models() -> String {
     [

@@ -6,7 +6,8 @@ mod common;
 
 use candle_core::{Device, Tensor};
 use common::{fixtures, fx, get, max_abs_diff, reference, run_generate_case, scratch};
-use ipcompose::pipeline::clip_image::{fit_image, load_rgb, normalize, Fit};
+use ipcompose::pipeline::plan::ip::Fit;
+use ipcompose::pipeline::run::clip_image::{fit_image, load_rgb, normalize};
 use ipcompose::pipeline::{plan::Plan, Recipe};
 
 /// Runs the case with `ip_adapters_yaml` as the body of `ip_adapters:`.
@@ -268,7 +269,8 @@ fn averaging_identical_images_equals_one_image() {
     .unwrap();
     let a = fixtures().join("ip-adapter/inputs/ref_a.png");
     let b = fixtures().join("ip-adapter/inputs/ref_b.png");
-    use ipcompose::pipeline::ip::{image_tokens, Combine};
+    use ipcompose::pipeline::plan::ip::Combine;
+    use ipcompose::pipeline::run::ip::image_tokens;
     let one = image_tokens(
         &adapter,
         &encoder,

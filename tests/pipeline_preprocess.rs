@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 
 use candle_core::Device;
 use common::{fixtures, fx, max_abs_diff, scratch};
+use ipcompose::pipeline::plan::preprocess::cache_dir;
 use ipcompose::pipeline::plan::Plan;
-use ipcompose::pipeline::preprocess::cache_dir;
 use ipcompose::pipeline::{run_plan, Recipe};
 use ipcompose::preprocess::{load_image, Operation, Settings};
 

@@ -364,7 +364,7 @@ fn depth_node_and_command_line_use_the_model() {
     let text = recipe(&depth_dir().join("tiny-hf"));
     std::fs::write(&path, &text).unwrap();
     std::env::set_var("IPCOMPOSE_CACHE_DIR", dir.join("cache"));
-    let batch = ipcompose::pipeline::batch::Batch::plan(&text, &path, &[]).unwrap();
+    let batch = ipcompose::pipeline::run::batch::Batch::plan(&text, &path, &[]).unwrap();
     batch
         .run(&Default::default(), &mut |_, _| {})
         .unwrap_or_else(|e| panic!("{e}"));
@@ -386,7 +386,7 @@ fn depth_node_and_command_line_use_the_model() {
 
     let unet = fixtures().join("tiny-sd15/unet/diffusion_pytorch_model.safetensors");
     let text = recipe(&unet);
-    let err = match ipcompose::pipeline::batch::Batch::plan(
+    let err = match ipcompose::pipeline::run::batch::Batch::plan(
         &text,
         &path,
         &["outputs.0.path=bad.png".into()],

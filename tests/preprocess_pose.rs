@@ -419,7 +419,7 @@ fn pose_nodes_and_command_line() {
     );
     let path = dir.join("recipe.yaml");
     std::fs::write(&path, &text).unwrap();
-    let batch = ipcompose::pipeline::batch::Batch::plan(&text, &path, &[]).unwrap();
+    let batch = ipcompose::pipeline::run::batch::Batch::plan(&text, &path, &[]).unwrap();
     batch
         .run(&Default::default(), &mut |_, _| {})
         .unwrap_or_else(|e| panic!("{e}"));
@@ -480,7 +480,7 @@ fn pose_nodes_and_command_line() {
             &bad.display().to_string(),
         )
         .replace("path: drawn.png", "path: never.png");
-    let err = match ipcompose::pipeline::batch::Batch::plan(&text, &path, &[]) {
+    let err = match ipcompose::pipeline::run::batch::Batch::plan(&text, &path, &[]) {
         Ok(_) => panic!("53 keypoint numbers were accepted"),
         Err(e) => e.to_string(),
     };

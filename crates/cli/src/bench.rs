@@ -29,10 +29,10 @@ use ipcompose::models::ip_adapter::IpAdapter;
 use ipcompose::models::unet::{Injections, IpKeyValue, UNet2DConditionModel, UNetConfig};
 use ipcompose::models::vae::{Vae, VaeConfig};
 use ipcompose::models::weights::WeightStore;
-use ipcompose::pipeline::control::{controlnet_residuals, PreparedControlNet};
-use ipcompose::pipeline::generate::{denoise, Conditions, Guidance, TextConditioning};
-use ipcompose::pipeline::noise::SeededNoise;
-use ipcompose::pipeline::schedule::window;
+use ipcompose::pipeline::recipe::schedule::window;
+use ipcompose::pipeline::run::control::{controlnet_residuals, PreparedControlNet};
+use ipcompose::pipeline::run::denoise::{denoise, Conditions, Guidance, TextConditioning};
+use ipcompose::pipeline::run::noise::SeededNoise;
 use ipcompose::schedulers::{build_scheduler, SchedulerConfig, SchedulerKind};
 
 /// `stable-diffusion-v1-5/stable-diffusion-v1-5`, `unet/config.json`.

@@ -11,7 +11,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use ipcompose::pipeline::batch::Batch;
+use ipcompose::pipeline::run::batch::Batch;
 use ipcompose::pipeline::{plan::Plan, RunOptions};
 
 #[derive(Parser)]
@@ -119,8 +119,8 @@ struct EmbedArgs {
 fn embed(args: EmbedArgs) -> anyhow::Result<()> {
     use ipcompose::models::clip_vision::load_image_encoder;
     use ipcompose::models::ip_adapter::IpAdapter;
-    use ipcompose::pipeline::clip_image::Fit;
-    use ipcompose::pipeline::ip::{encoder_inputs, image_tokens, write_embeddings, Combine};
+    use ipcompose::pipeline::plan::ip::{Combine, Fit};
+    use ipcompose::pipeline::run::ip::{encoder_inputs, image_tokens, write_embeddings};
 
     let fit: Fit = args.fit.parse().map_err(anyhow::Error::msg)?;
     let combine = match args.combine.as_str() {
@@ -185,7 +185,7 @@ fn embed(args: EmbedArgs) -> anyhow::Result<()> {
 /// Reads a recipe file (or the recipe embedded in a PNG), applies `--set` overrides, expands
 /// sweeps and plans every run.
 fn load_batch(path: &Path, from_png: bool, sets: &[String]) -> anyhow::Result<Batch> {
-    use ipcompose::pipeline::provenance::{changed_inputs, read_embedded};
+    use ipcompose::pipeline::io::provenance::{changed_inputs, read_embedded};
     let text = if from_png {
         read_embedded(path)?
     } else {
@@ -272,7 +272,7 @@ fn print_plan(plan: &Plan) -> anyhow::Result<()> {
         if !plan.needed.contains(&g.node) {
             println!("  (no output needs it: not run)");
         }
-        for line in ipcompose::pipeline::text::describe_prompts(plan, g)? {
+        for line in ipcompose::pipeline::run::text::describe_prompts(plan, g)? {
             println!("  {line}");
         }
         for ip in &g.ip_adapters {

@@ -226,14 +226,14 @@ pub fn run(args: PreprocessArgs) -> anyhow::Result<()> {
         }
     };
     if let (Some(path), Some(json)) = (&args.keypoints_out, keypoints) {
-        ipcompose::pipeline::output::write_atomically(path, |tmp| {
+        ipcompose::pipeline::io::output::write_atomically(path, |tmp| {
             std::fs::write(tmp, json).map_err(|e| ipcompose::pipeline::PipelineError::Output {
                 path: path.clone(),
                 message: e.to_string(),
             })
         })?;
     }
-    ipcompose::pipeline::output::save_rgb_png(&result, &args.output, None)?;
+    ipcompose::pipeline::io::output::save_rgb_png(&result, &args.output, None)?;
     println!(
         "wrote {} ({}x{})",
         args.output.display(),
@@ -247,11 +247,13 @@ pub fn run(args: PreprocessArgs) -> anyhow::Result<()> {
 pub fn print_preprocessors(plan: &Plan) {
     for p in &plan.preprocessors {
         let input = match &p.input {
-            ipcompose::pipeline::preprocess::PreprocessInput::File(path) => {
+            ipcompose::pipeline::plan::preprocess::PreprocessInput::File(path) => {
                 path.display().to_string()
             }
-            ipcompose::pipeline::preprocess::PreprocessInput::Node(node) => format!("node {node}"),
-            ipcompose::pipeline::preprocess::PreprocessInput::Generated { node, .. } => {
+            ipcompose::pipeline::plan::preprocess::PreprocessInput::Node(node) => {
+                format!("node {node}")
+            }
+            ipcompose::pipeline::plan::preprocess::PreprocessInput::Generated { node, .. } => {
                 format!("the image generate node {node} makes")
             }
         };

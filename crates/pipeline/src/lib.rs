@@ -1,31 +1,24 @@
-//! Recipes, plans and the denoising loop: parse, then plan, then run.
+//! Recipes, plans and the denoising loop: parse, then plan, then run. The folders are the data
+//! path, each stage depending only on the ones before it:
+//!
+//! - [`recipe`]: what a user writes (the YAML schema, `--set` overrides, sweeps, the per-step
+//!   schedule language, prompt syntax, YAML line lookup for messages);
+//! - [`plan`]: a recipe checked against the files and model configs before any weight loads
+//!   (one module per model and node kind; base-model families in `plan/family.rs`);
+//! - [`run`]: the loaders, the one denoising loop and the contributions computed for it
+//!   (IP-Adapter tokens, ControlNet residuals, T2I features), preprocessors, batches of runs;
+//! - [`io`]: files written (images, latents, the recipe embedded in each PNG), used by the
+//!   plan (cache keys) and the run.
 
-pub mod batch;
-pub mod clip_image;
-pub mod control;
 pub mod error;
-pub mod family;
-pub mod generate;
-pub mod ip;
-pub mod ip_scale;
-pub mod locate;
-pub mod mask;
-pub mod noise;
-pub mod output;
+pub mod io;
 pub mod plan;
-pub mod preprocess;
-pub mod prompt_syntax;
-pub mod provenance;
 pub mod recipe;
-pub mod resample;
 pub mod run;
-pub mod schedule;
-pub mod source;
-pub mod sweep;
-pub mod text;
 
 pub use error::{PipelineError, Result};
-pub use generate::{BaseModel, Generated, Progress};
 pub use plan::Plan;
 pub use recipe::Recipe;
+pub use run::base_model::BaseModel;
+pub use run::denoise::{Generated, Progress};
 pub use run::{run_plan, RunOptions, Runner};

@@ -1,7 +1,7 @@
 //! Base-model families: everything that differs between SD1.x / SD2.x and SDXL, in one place.
 //!
-//! The planner (`plan.rs`), the loader and the one denoising loop (`generate.rs`, with the
-//! prompt encoding in `text.rs`) ask a base's [`Family`] what to do; nothing else branches on
+//! The planner (`plan/`), the loader and the one denoising loop (`run/base_model.rs`, `run/denoise.rs`, with the
+//! prompt encoding in `run/text.rs`) ask a base's [`Family`] what to do; nothing else branches on
 //! the kind of base model. A new family is one more constant here, with a new variant of
 //! [`TextEncoding`] or [`AddedConditioning`] where it needs one.
 

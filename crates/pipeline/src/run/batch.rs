@@ -1,16 +1,16 @@
 //! A recipe as the runs it asks for: one plan, or one per sweep combination (see
-//! [`crate::sweep`]). Everything is parsed and planned here, before any weight loads.
+//! [`crate::recipe::sweep`]). Everything is parsed and planned here, before any weight loads.
 
 use std::path::{Path, PathBuf};
 
 use crate::error::{PipelineError, Result};
-use crate::generate::Progress;
-use crate::output::save_rgb_png;
+use crate::io::output::save_rgb_png;
+use crate::io::provenance::embedded_text;
 use crate::plan::Plan;
-use crate::provenance::embedded_text;
+use crate::recipe::sweep::{expand, Sweep};
 use crate::recipe::Recipe;
+use crate::run::denoise::Progress;
 use crate::run::{RunOptions, Runner};
-use crate::sweep::{expand, Sweep};
 
 /// One run of a recipe.
 pub struct PlannedRun {

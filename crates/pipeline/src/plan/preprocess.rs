@@ -1,21 +1,10 @@
-//! Preprocessor nodes (`canny`, `invert`, `threshold`, `blur`, `shuffle`): planned with the
-//! recipe, computed before the generations, and cached on disk by content.
-//!
-//! A node's result is named by a SHA-256 of its settings ([`Settings::describe`]) and of its
-//! input: the bytes of an input file, or the key of the preprocessor node it reads. The plan
-//! therefore knows every result's path before anything runs, so a preprocessor node can stand
-//! wherever an image name is expected (`controls[].image`, IP-Adapter images and masks), and
-//! a re-run with the same inputs and settings reuses the files in `.ipcompose-cache/`
-//! next to the recipe (or in `$IPCOMPOSE_CACHE_DIR`).
-
+//! Preprocessor nodes (`canny`, `invert`, `threshold`, `blur`, `shuffle`, `depth`, `pose`) as a
+//! plan holds them: inputs resolved, settings checked, cache keys from content hashes.
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use ipcompose_preprocess::Settings;
 use sha2::{Digest, Sha256};
-
-use crate::error::{PipelineError, Result};
-use crate::output::write_atomically;
 
 /// The folder, next to the recipe, that holds preprocessed images.
 pub const CACHE_DIR: &str = ".ipcompose-cache";
@@ -77,7 +66,7 @@ pub struct PlanError {
     pub message: String,
 }
 
-fn plan_error(keys: &[&str], message: impl Into<String>) -> PlanError {
+pub(super) fn plan_error(keys: &[&str], message: impl Into<String>) -> PlanError {
     PlanError {
         keys: keys.iter().map(|k| k.to_string()).collect(),
         message: message.into(),
@@ -124,7 +113,7 @@ pub fn plan_preprocessors(
                 &["nodes", d.node, d.settings.operation.name(), "image"],
                 format!(
                     "unknown image `{image}`{}",
-                    crate::plan::did_you_mean(image, &candidates)
+                    crate::recipe::suggest::did_you_mean(image, &candidates)
                 ),
             ));
         }
@@ -172,7 +161,7 @@ pub fn plan_preprocessors(
                     ipcompose_preprocess::Operation::PoseKeypoints { file, .. } => file.clone(),
                     _ => PathBuf::new(),
                 };
-                let hash = crate::provenance::sha256_file(&file).map_err(|e| {
+                let hash = crate::io::provenance::sha256_file(&file).map_err(|e| {
                     plan_error(
                         &["nodes", d.node, d.settings.operation.name()],
                         e.to_string(),
@@ -195,7 +184,7 @@ pub fn plan_preprocessors(
                         format!("cannot read image `{}`: {e}", path.display()),
                     )
                 })?;
-                let hash = crate::provenance::sha256_file(path)
+                let hash = crate::io::provenance::sha256_file(path)
                     .map_err(|e| plan_error(&["images", image], e.to_string()))?;
                 (PreprocessInput::File(path.clone()), format!("file {hash}"))
             }
@@ -227,61 +216,39 @@ pub fn plan_preprocessors(
     Ok(result)
 }
 
-/// Computes the preprocessors in `needed` (and the ones they read), in plan order, unless
-/// their result is already cached. Those after a generation are computed once per run:
-/// `fresh` remembers which were.
-pub fn materialize(
-    plans: &[PreprocessPlan],
-    needed: &BTreeSet<String>,
-    fresh: &mut BTreeSet<String>,
-    networks: &mut ipcompose_preprocess::Networks,
-) -> Result<Vec<(String, CacheUse)>> {
-    let mut wanted = needed.clone();
-    // Plans are ordered inputs-first, so walking backwards adds every upstream node.
-    for plan in plans.iter().rev() {
-        if wanted.contains(&plan.node) {
-            if let PreprocessInput::Node(input) = &plan.input {
-                wanted.insert(input.clone());
-            }
+/// Models that preprocessor nodes run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PreprocessorModelKind {
+    DepthAnything,
+    OpenPose,
+}
+
+impl PreprocessorModelKind {
+    pub(super) fn parse(kind: &str) -> Option<Self> {
+        match kind.to_ascii_lowercase().as_str() {
+            "depth-anything" | "depth_anything" | "depth-anything-v2" => Some(Self::DepthAnything),
+            "openpose" | "open-pose" | "openpose-body" => Some(Self::OpenPose),
+            _ => None,
         }
     }
-    let mut report = Vec::new();
-    for plan in plans.iter().filter(|p| wanted.contains(&p.node)) {
-        let cached = if plan.after_generation {
-            fresh.contains(&plan.node)
-        } else {
-            plan.cache_path.is_file()
-        };
-        if cached {
-            report.push((plan.node.clone(), CacheUse::Hit));
-            continue;
+
+    /// The node operation that uses this kind.
+    pub(super) fn operation(self) -> &'static str {
+        match self {
+            Self::DepthAnything => "depth",
+            Self::OpenPose => "pose",
         }
-        let source = match &plan.input {
-            PreprocessInput::File(path) => path.clone(),
-            PreprocessInput::Generated { path, .. } => path.clone(),
-            PreprocessInput::Node(node) => plans
-                .iter()
-                .find(|p| &p.node == node)
-                .map(|p| p.cache_path.clone())
-                .ok_or_else(|| PipelineError::Plan(format!("unknown preprocessor `{node}`")))?,
-        };
-        let failed = |e| PipelineError::Plan(format!("preprocessor node `{}`: {e}", plan.node));
-        let result = if plan.settings.operation.reads_image() {
-            let image = ipcompose_preprocess::load_image(&source).map_err(failed)?;
-            plan.settings.apply_with(&image, networks).map_err(failed)?
-        } else {
-            plan.settings.make(networks).map_err(failed)?
-        };
-        write_atomically(&plan.cache_path, |tmp| {
-            ipcompose_preprocess::save_png(&result, tmp).map_err(|e| PipelineError::Output {
-                path: plan.cache_path.clone(),
-                message: e.to_string(),
-            })
-        })?;
-        if plan.after_generation {
-            fresh.insert(plan.node.clone());
-        }
-        report.push((plan.node.clone(), CacheUse::Computed));
     }
-    Ok(report)
+
+    /// Reads headers and configs only: the file must be a checkpoint of this kind.
+    pub(super) fn check(self, source: &Path) -> std::result::Result<(), String> {
+        match self {
+            Self::DepthAnything => ipcompose_models::depth_anything::resolve_depth_anything(source)
+                .map(|_| ())
+                .map_err(|e| e.to_string()),
+            Self::OpenPose => ipcompose_models::openpose::BodyPoseModel::inspect(source)
+                .map(|_| ())
+                .map_err(|e| e.to_string()),
+        }
+    }
 }

@@ -75,7 +75,10 @@ pub fn save_rgb_png(rgb: &image::RgbImage, path: &Path, metadata: Option<&str>) 
         encoder.set_depth(png::BitDepth::Eight);
         if let Some(text) = metadata {
             encoder
-                .add_itxt_chunk(crate::provenance::PNG_KEYWORD.to_string(), text.to_string())
+                .add_itxt_chunk(
+                    crate::io::provenance::PNG_KEYWORD.to_string(),
+                    text.to_string(),
+                )
                 .map_err(|e| io_error(path, e))?;
         }
         let mut writer = encoder.write_header().map_err(|e| io_error(path, e))?;

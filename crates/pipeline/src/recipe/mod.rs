@@ -3,6 +3,13 @@
 //! Parsing is strict: unknown keys are rejected (serde reports the valid ones and the YAML
 //! line and column).
 
+pub mod ip_scale;
+pub mod locate;
+pub mod prompt_syntax;
+pub mod schedule;
+pub mod suggest;
+pub mod sweep;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -401,7 +408,7 @@ pub struct ControlSpec {
     /// Conditioning scale (ControlNet) or adapter weight (T2I), default 1.0: a number, one
     /// value per step, or `{ramp: [from, to]}` (see `schedule.rs`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub scale: Option<crate::schedule::Strength>,
+    pub scale: Option<crate::recipe::schedule::Strength>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub start: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -460,7 +467,7 @@ pub struct IpAdapterSpec {
     pub combine: Option<String>,
     /// A number, `style`, `style-and-layout`, or `{down: {block_N: v | [v…]}, mid: v, up: …}`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub scale: Option<crate::ip_scale::ScaleSpec>,
+    pub scale: Option<crate::recipe::ip_scale::ScaleSpec>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub start: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -3,7 +3,7 @@
 //!
 //! `scale` is a number (every active step), a list with one value per step, or a named curve
 //! (`{ramp: [from, to]}`: linear over the active steps). `start` / `end` pick the active steps
-//! by diffusers' window rule ([`crate::ip::active_at`]). Everything resolves at plan time to
+//! by diffusers' window rule ([`active_at`]). Everything resolves at plan time to
 //! one weight per step, which `ipcompose validate` prints and the loop reads.
 
 use serde::{Deserialize, Serialize};
@@ -122,8 +122,21 @@ impl<'de> Deserialize<'de> for Strength {
 /// diffusers' window rule per step: active unless `i/n < start` or `(i+1)/n > end`.
 pub fn window(steps: usize, start: f64, end: f64) -> Vec<bool> {
     (0..steps)
-        .map(|i| crate::ip::active_at(i, steps, start, end))
+        .map(|i| crate::recipe::schedule::active_at(i, steps, start, end))
         .collect()
+}
+
+/// diffusers' window rule (shared with ControlNet): step `i` of `n` is active unless
+/// `i/n < start` or `(i+1)/n > end`.
+pub fn active_at(step: usize, steps: usize, start: f64, end: f64) -> bool {
+    let (i, n) = (step as f64, steps as f64);
+    !(i / n < start || (i + 1.0) / n > end)
+}
+
+/// Whether a T2I-Adapter applies at `step`: inside its window and while
+/// `step < ⌊steps · factor⌋` (the SDXL adapter pipeline's `adapter_conditioning_factor`).
+pub fn t2i_active_at(step: usize, steps: usize, start: f64, end: f64, factor: f64) -> bool {
+    active_at(step, steps, start, end) && step < (steps as f64 * factor).floor() as usize
 }
 
 #[cfg(test)]
@@ -184,5 +197,20 @@ mod tests {
                 .unwrap(),
             [0.0, 0.8, 0.8, 0.0]
         );
+    }
+
+    #[test]
+    fn window_follows_diffusers_rule() {
+        let active: Vec<bool> = (0..4).map(|i| active_at(i, 4, 0.25, 0.75)).collect();
+        assert_eq!(active, [false, true, true, false]);
+        assert!((0..10).all(|i| active_at(i, 10, 0.0, 1.0)));
+    }
+
+    #[test]
+    fn factor_limits_the_steps() {
+        let active: Vec<bool> = (0..4)
+            .map(|i| t2i_active_at(i, 4, 0.0, 1.0, 0.75))
+            .collect();
+        assert_eq!(active, [true, true, true, false]);
     }
 }

@@ -2,71 +2,19 @@
 //! layer's key/value projections, all computed once per run; per step only the scales
 //! (window, per-layer InstantStyle values) decide which of them the UNet sees.
 
+use crate::plan::ip::{Combine, IpAdapterUse};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
-use ipcompose_models::clip_vision::{ClipVisionConfig, ClipVisionModel};
-use ipcompose_models::ip_adapter::{IpAdapter, IpAdapterInfo};
+use ipcompose_models::clip_vision::ClipVisionModel;
+use ipcompose_models::ip_adapter::IpAdapter;
 use ipcompose_models::unet::{CrossAttentionLayer, IpKeyValue};
 
-use crate::clip_image::{fit_image, load_rgb, normalize, Fit};
 use crate::error::{PipelineError, Result};
-use crate::mask::BinaryMask;
-
-/// An IP-Adapter model declared in a recipe, checked at plan time.
-#[derive(Debug, Clone)]
-pub struct IpModelPlan {
-    pub file: PathBuf,
-    pub info: IpAdapterInfo,
-    /// The image encoder folder and its config (absent when only embeddings are used).
-    pub image_encoder: Option<(PathBuf, ClipVisionConfig)>,
-}
-
-/// How several reference images of one adapter are combined.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Combine {
-    /// Each image's tokens side by side (diffusers' behaviour): one joint attention.
-    #[default]
-    Concat,
-    /// The images' encoder features averaged before the projection.
-    Average,
-}
-
-/// Where an adapter's image tokens come from.
-#[derive(Debug, Clone)]
-pub enum IpSource {
-    Images {
-        images: Vec<PathBuf>,
-        negative_image: Option<PathBuf>,
-        combine: Combine,
-        fit: Fit,
-    },
-    /// A file written by `ipcompose embed`: `tokens` and `negative_tokens`, `[images, T, D]`.
-    Embeddings(PathBuf),
-}
-
-/// One adapter as a generation uses it.
-#[derive(Debug, Clone)]
-pub struct IpAdapterUse {
-    pub model: String,
-    pub source: IpSource,
-    /// One scale per cross-attention layer (1.0 each unless per-layer values were given) ...
-    pub layer_scales: Vec<f64>,
-    /// ... times one weight per step (0 outside the `start`..`end` window).
-    pub step_scales: Vec<f64>,
-    pub start: f64,
-    pub end: f64,
-    /// None, one mask for all images, or one per image.
-    pub masks: Vec<PathBuf>,
-}
-
-/// diffusers' window rule (shared with ControlNet): step `i` of `n` is active unless
-/// `i/n < start` or `(i+1)/n > end`.
-pub fn active_at(step: usize, steps: usize, start: f64, end: f64) -> bool {
-    let (i, n) = (step as f64, steps as f64);
-    !(i / n < start || (i + 1.0) / n > end)
-}
+use crate::plan::ip::Fit;
+use crate::run::clip_image::{fit_image, load_rgb, normalize};
+use crate::run::mask::BinaryMask;
 
 /// The image encoder's features of one preprocessed image: the projected embedding for plain
 /// adapters, the penultimate hidden states for the others.
@@ -177,7 +125,7 @@ pub fn write_embeddings(path: &Path, tokens: &[(Tensor, Tensor)]) -> Result<()> 
             Tensor::cat(&neg, 0)?.to_dtype(DType::F32)?,
         ),
     ]);
-    crate::output::write_atomically(path, |tmp| {
+    crate::io::output::write_atomically(path, |tmp| {
         candle_core::safetensors::save(&map, tmp).map_err(|e| PipelineError::Output {
             path: path.to_path_buf(),
             message: e.to_string(),
@@ -338,13 +286,6 @@ pub fn step_injections(adapters: &[PreparedIpAdapter], step: usize) -> Vec<Vec<I
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn window_follows_diffusers_rule() {
-        let active: Vec<bool> = (0..4).map(|i| active_at(i, 4, 0.25, 0.75)).collect();
-        assert_eq!(active, [false, true, true, false]);
-        assert!((0..10).all(|i| active_at(i, 10, 0.0, 1.0)));
-    }
 
     #[test]
     fn odd_latents_round_up_per_level() {

@@ -14,7 +14,7 @@
 //!   unless it has 8 tokens or more).
 //! * [`PromptSyntax::Plain`]: no syntax; one chunk, truncated to 75 tokens, as diffusers.
 //!
-//! How the chunks are encoded and weighted is in `text.rs`.
+//! How the chunks are encoded and weighted is in `run/text.rs`.
 
 use std::sync::OnceLock;
 

@@ -1,24 +1,39 @@
 //! Executes a plan: loads each base model once, runs the generations, then writes outputs.
 
+pub mod base_model;
+pub mod batch;
+pub mod clip_image;
+pub mod control;
+pub mod denoise;
+pub mod ip;
+pub mod mask;
+pub mod noise;
+pub mod preprocess;
+pub mod resample;
+pub mod text;
+
 use std::collections::{BTreeMap, BTreeSet};
 
 use candle_core::{DType, Device};
 
 use crate::error::{PipelineError, Result};
-use crate::generate::{BaseModel, Conditions, Generated, Progress};
-use crate::ip::{image_tokens, prepare, read_embeddings, IpSource};
-use crate::output::{save_latents, save_png, save_rgb_png};
+use crate::io::output::{save_latents, save_png, save_rgb_png};
+use crate::plan::ip::IpSource;
 use crate::plan::GenerationPlan;
 use crate::plan::{OutputKind, Plan};
-use crate::preprocess::materialize;
+use crate::run::base_model::BaseModel;
+use crate::run::denoise::{Conditions, Generated, Progress};
+use crate::run::ip::{image_tokens, prepare, read_embeddings};
+use crate::run::preprocess::materialize;
 use ipcompose_models::clip_vision::{load_image_encoder, ClipVisionModel};
 use ipcompose_models::ip_adapter::IpAdapter;
 use std::path::PathBuf;
 use std::rc::Rc;
 
-use crate::control::{
-    load_controlnet, load_t2i_adapter, prepare_hint, ControlKind, PreparedCondition,
-    PreparedControlNet, PreparedT2I,
+use crate::plan::control::ControlKind;
+use crate::run::control::{
+    load_controlnet, load_t2i_adapter, prepare_hint, PreparedCondition, PreparedControlNet,
+    PreparedT2I,
 };
 use ipcompose_models::controlnet::ControlNetModel;
 use ipcompose_models::t2i_adapter::T2IAdapter;

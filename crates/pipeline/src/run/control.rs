@@ -1,43 +1,17 @@
 //! Structural conditions: ControlNets (run every step inside their window, residuals summed
 //! on the device) and T2I-Adapters (features computed once, added while active).
 
-use std::path::{Path, PathBuf};
+use crate::plan::control::{ControlNetPlan, ResizeMode, T2IAdapterPlan};
+use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
-use ipcompose_models::controlnet::{ControlCondition, ControlNetConfig, ControlNetModel};
-use ipcompose_models::t2i_adapter::{T2IAdapter, T2IAdapterConfig};
+use ipcompose_models::controlnet::{ControlCondition, ControlNetModel};
+use ipcompose_models::t2i_adapter::T2IAdapter;
 use ipcompose_models::unet::{AddedConditioning, TextContext};
 
-use crate::clip_image::load_rgb;
 use crate::error::Result;
-use crate::ip::active_at;
-use crate::resample::{resize_rgb, Resampler};
-
-/// How a hint image is brought to the output size.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum ResizeMode {
-    /// Stretch to the output size (diffusers' behaviour; Pillow Lanczos).
-    #[default]
-    Resize,
-    /// Scale to cover the output, then centre-crop the overflow.
-    Crop,
-    /// Scale to fit inside the output, then pad with black (no condition) around it.
-    Fill,
-}
-
-impl std::str::FromStr for ResizeMode {
-    type Err = String;
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
-        match s {
-            "resize" | "stretch" => Ok(Self::Resize),
-            "crop" => Ok(Self::Crop),
-            "fill" | "pad" => Ok(Self::Fill),
-            other => Err(format!(
-                "unknown resize mode `{other}` (valid: resize, crop, fill)"
-            )),
-        }
-    }
-}
+use crate::run::clip_image::load_rgb;
+use crate::run::resample::{resize_rgb, Resampler};
 
 /// The hint as the pipelines prepare it: RGB, `width`×`height`, `[1, 3, H, W]` in [0, 1].
 pub fn prepare_hint(
@@ -78,22 +52,6 @@ pub fn prepare_hint(
     Ok(Tensor::from_vec(data, (1, 3, fh, fw), device)?)
 }
 
-/// A ControlNet model declared in a recipe, checked against its base at plan time.
-#[derive(Debug, Clone)]
-pub struct ControlNetPlan {
-    pub source: PathBuf,
-    pub single_file: bool,
-    pub variant: Option<String>,
-    pub config: ControlNetConfig,
-}
-
-#[derive(Debug, Clone)]
-pub struct T2IAdapterPlan {
-    pub source: PathBuf,
-    pub variant: Option<String>,
-    pub config: T2IAdapterConfig,
-}
-
 pub fn load_controlnet(
     plan: &ControlNetPlan,
     dtype: DType,
@@ -124,47 +82,6 @@ pub fn load_t2i_adapter(
         dtype,
         device,
     )?)
-}
-
-/// A ControlNet or T2I-Adapter model declared in a recipe (`kind: controlnet | t2i-adapter`).
-/// Its config is resolved against the base model that uses it.
-#[derive(Debug, Clone)]
-pub struct ControlModelSource {
-    pub is_controlnet: bool,
-    pub source: PathBuf,
-    pub variant: Option<String>,
-    /// Single-file ControlNets do not record it (true for shuffle models).
-    pub global_pool: Option<bool>,
-}
-
-/// The kind-specific settings of one control in a generation.
-#[derive(Debug, Clone)]
-pub enum ControlKind {
-    ControlNet {
-        plan: Box<ControlNetPlan>,
-        guess_mode: bool,
-        /// Union models: the condition type index (`control_mode`).
-        union_type: Option<usize>,
-    },
-    T2IAdapter {
-        plan: T2IAdapterPlan,
-        /// Fraction of the steps the features apply to (diffusers' `adapter_conditioning_factor`).
-        factor: f64,
-    },
-}
-
-/// One control as a generation uses it.
-#[derive(Debug, Clone)]
-pub struct ControlUse {
-    pub model: String,
-    pub image: PathBuf,
-    /// Conditioning scale (ControlNet) or feature weight (T2I) per step; 0 where inactive
-    /// (outside `start`..`end`, and for T2I-Adapters past `factor`).
-    pub step_scales: Vec<f64>,
-    pub start: f64,
-    pub end: f64,
-    pub resize: ResizeMode,
-    pub kind: ControlKind,
 }
 
 /// One control image of a prepared ControlNet.
@@ -211,12 +128,6 @@ pub struct PreparedT2I {
     pub features: Vec<Tensor>,
     /// Feature weight per step; 0 = not applied.
     pub step_scales: Vec<f64>,
-}
-
-/// Whether a T2I-Adapter applies at `step`: inside its window and while
-/// `step < ⌊steps · factor⌋` (the SDXL adapter pipeline's `adapter_conditioning_factor`).
-pub fn t2i_active_at(step: usize, steps: usize, start: f64, end: f64, factor: f64) -> bool {
-    active_at(step, steps, start, end) && step < (steps as f64 * factor).floor() as usize
 }
 
 /// Summed ControlNet residuals for one step: `(down, mid)`, or `None` when none is active.
@@ -330,26 +241,4 @@ pub fn t2i_features(adapters: &[PreparedT2I], step: usize) -> Result<Option<Vec<
         });
     }
     Ok(sum)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn factor_limits_the_steps() {
-        let active: Vec<bool> = (0..4)
-            .map(|i| t2i_active_at(i, 4, 0.0, 1.0, 0.75))
-            .collect();
-        assert_eq!(active, [true, true, true, false]);
-    }
-
-    #[test]
-    fn resize_modes_parse() {
-        assert_eq!("crop".parse::<ResizeMode>().unwrap(), ResizeMode::Crop);
-        assert!("zoom"
-            .parse::<ResizeMode>()
-            .unwrap_err()
-            .contains("resize, crop, fill"));
-    }
 }

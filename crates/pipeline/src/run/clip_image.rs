@@ -7,36 +7,13 @@ use std::path::Path;
 use candle_core::{Device, Tensor};
 use image::{DynamicImage, RgbImage};
 
-use crate::resample::{resize_rgb, Resampler};
+use crate::run::resample::{resize_rgb, Resampler};
 
 use crate::error::{PipelineError, Result};
+use crate::plan::ip::Fit;
 
 const CLIP_MEAN: [f64; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
 const CLIP_STD: [f64; 3] = [0.268_629_54, 0.261_302_58, 0.275_777_11];
-
-/// How a non-square reference image becomes the encoder's square input.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Fit {
-    /// Shortest side to the input size, then a centre crop (diffusers' behaviour).
-    #[default]
-    Crop,
-    /// Letterbox onto a black square, then resize: nothing is cut off.
-    Pad,
-    /// Resize straight to the square, changing the aspect ratio.
-    Squash,
-}
-
-impl std::str::FromStr for Fit {
-    type Err = String;
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
-        match s {
-            "crop" => Ok(Fit::Crop),
-            "pad" => Ok(Fit::Pad),
-            "squash" => Ok(Fit::Squash),
-            other => Err(format!("unknown fit `{other}` (valid: crop, pad, squash)")),
-        }
-    }
-}
 
 pub fn load_rgb(path: &Path) -> Result<RgbImage> {
     let image = image::open(path).map_err(|e| PipelineError::Output {

@@ -7,12 +7,13 @@ use ipcompose_models::tokenizer::ClipTokenizer;
 use ipcompose_models::unet::AddedConditioning;
 
 use crate::error::{PipelineError, Result};
-use crate::family::{MicroConditioning, TextEncoding};
-use crate::generate::{BaseModel, Guidance, TextConditioning};
+use crate::plan::family::{MicroConditioning, TextEncoding};
 use crate::plan::{BaseModelPlan, GenerationPlan, Plan};
-use crate::prompt_syntax::{
+use crate::recipe::prompt_syntax::{
     empty_chunk, tokenize_prompt, PromptSyntax, TokenChunk, TokenizedPrompt,
 };
+use crate::run::base_model::BaseModel;
+use crate::run::denoise::{Guidance, TextConditioning};
 
 /// SDXL's second text encoder with its tokenizer (which pads with `!`).
 pub struct SecondTextEncoder {

@@ -4,7 +4,7 @@
 use candle_core::{Device, Tensor};
 use image::GrayImage;
 
-use crate::resample::{resize_gray, Resampler};
+use crate::run::resample::{resize_gray, Resampler};
 
 use crate::error::Result;
 

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use ipcompose_models::unet::{CrossAttentionLayer, UNetPart};
 use serde::Deserialize;
 
-use crate::schedule::{Strength, STRENGTH_FORMS};
+use crate::recipe::schedule::{Strength, STRENGTH_FORMS};
 
 /// `scale:` as written in a recipe: a strength over time (the same forms as every condition,
 /// uniform over the layers), a preset, or per-layer values (constant over time).
