@@ -244,9 +244,20 @@ fn sd15_comfy_long_weighted_prompt_with_an_embedding() {
 
 #[test]
 fn sdxl_a1111_long_weighted_prompt() {
-    let c = pipeline("ps_sdxl_a1111");
-    let r = reference("ps_sdxl_a1111.safetensors");
-    let dir = scratch(&format!("prompt-syntax-sdxl-{}", std::process::id()));
+    sdxl_pipeline("ps_sdxl_a1111");
+}
+
+#[test]
+fn sdxl_comfy_long_weighted_prompt() {
+    sdxl_pipeline("ps_sdxl_comfy");
+}
+
+/// The long weighted prompt on SDXL through a recipe (both encoders chunked and weighted, the
+/// pooled embedding of the first chunk).
+fn sdxl_pipeline(name: &str) {
+    let c = pipeline(name);
+    let r = reference(&format!("{name}.safetensors"));
+    let dir = scratch(&format!("prompt-syntax-{name}-{}", std::process::id()));
     candle_core::safetensors::save(
         &HashMap::from([("latents", get(&r, "init_latents").clone())]),
         dir.join("init.safetensors"),
@@ -266,7 +277,7 @@ fn sdxl_a1111_long_weighted_prompt() {
         candle_core::safetensors::load(&written[0], &Device::Cpu).unwrap()["latents"].clone();
     let expected = get(&r, "final_latents");
     check(
-        "ps_sdxl_a1111 final latents",
+        &format!("{name} final latents"),
         &latents,
         expected,
         common::bound(SDXL_LATENT_TOLERANCE, expected),
