@@ -1,9 +1,11 @@
 //! ipcompose: structure-guided Stable Diffusion with image prompts, from YAML recipes.
 //!
 //! The library crates, re-exported: `models` (UNet with injection points, CLIP, VAE, loading),
-//! `schedulers` (DDIM, Euler, Euler a, DPM++ 2M), `pipeline` (recipes, plans, the loop) and
-//! `preprocess` (hint images as the ControlNet annotators make them).
+//! `schedulers` (DDIM, Euler, Euler a, DPM++ 2M), `pipeline` (recipes, plans, the loop),
+//! `preprocess` (hint images as the ControlNet annotators make them) and `hub` (the Hugging
+//! Face cache and the downloader that fills it).
 
+pub use ipcompose_hub as hub;
 pub use ipcompose_models as models;
 pub use ipcompose_pipeline as pipeline;
 pub use ipcompose_preprocess as preprocess;

@@ -5,6 +5,7 @@ pub mod clip_image;
 pub mod control;
 pub mod error;
 pub mod family;
+pub mod fetch;
 pub mod generate;
 pub mod ip;
 pub mod ip_scale;
