@@ -304,7 +304,12 @@ fn handle(
     });
     let head_only = method == "HEAD";
     let mut behaviour = behaviour.lock().unwrap();
-    if let Some(token) = &behaviour.token {
+    // A gated model: its listing is public, its files need the token.
+    if let Some(token) = behaviour
+        .token
+        .as_ref()
+        .filter(|_| !path.starts_with("/api/"))
+    {
         if headers.get("authorization") != Some(&format!("Bearer {token}")) {
             return respond(
                 &mut stream,
@@ -330,7 +335,14 @@ fn handle(
             return not_found(&mut stream);
         };
         let Some(repo) = repos.get(repo_id) else {
-            return not_found(&mut stream);
+            // The hub's answer to an anonymous request for a repository it does not have.
+            return respond(
+                &mut stream,
+                "401 Unauthorized",
+                &[("X-Error-Code", "RepoNotFound".to_string())],
+                b"{\"error\": \"Repository not found\"}",
+                head_only,
+            );
         };
         if revision != "main" && revision != repo.commit {
             return not_found(&mut stream);
@@ -878,7 +890,7 @@ fn a_gated_model_asks_for_the_license_and_a_token() {
     let page = format!("{}/tiny/sd15", server.endpoint);
     assert!(
         stderr.contains("HTTP 401")
-            && stderr.contains("accept its license")
+            && stderr.contains("the model is gated: accept its license")
             && stderr.contains(&page)
             && stderr.contains("HF_TOKEN"),
         "{stderr}"
@@ -891,6 +903,23 @@ fn a_gated_model_asks_for_the_license_and_a_token() {
     right.env("HF_TOKEN", "hf_test_token");
     let (ok, _, stderr) = output(right);
     assert!(ok, "{stderr}");
+    // A repository the hub does not know (perhaps a local path with a typo).
+    let missing = write_recipe(
+        &dir,
+        "missing.yaml",
+        &RECIPE.replace("tiny/sd15", "nobody/missing"),
+    );
+    let (ok, _, stderr) = output(ipcompose(
+        &server,
+        &cache,
+        &["pull", missing.to_str().unwrap()],
+    ));
+    assert!(
+        !ok && stderr.contains(
+            "nobody/missing does not exist, and the hub has no repository `nobody/missing`"
+        ),
+        "{stderr}"
+    );
     // The token file `hf auth login` writes ($HF_HOME/token) works as well.
     let cache = dir.join("cache-2");
     std::fs::create_dir_all(cache.join("hf-home")).unwrap();

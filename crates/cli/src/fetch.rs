@@ -113,6 +113,8 @@ struct Bars {
     quiet: bool,
     total: Option<ProgressBar>,
     file: Option<ProgressBar>,
+    /// The longest file name of the list, to line the bars up.
+    width: usize,
 }
 
 fn style(template: &str) -> ProgressStyle {
@@ -133,6 +135,7 @@ impl Bars {
             quiet,
             total: None,
             file: None,
+            width: 0,
         }
     }
 
@@ -176,9 +179,10 @@ impl Progress for Bars {
         }
         let bar = self.multi.add(ProgressBar::new(total));
         bar.set_style(style(
-            "{msg:>10} [{wide_bar}] {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}",
+            "{msg} [{wide_bar}] {decimal_bytes}/{decimal_total_bytes} {decimal_bytes_per_sec} ETA {eta}",
         ));
-        bar.set_message("total");
+        bar.set_message(format!("{:<width$}", "total"));
+        self.width = width;
         self.total = Some(bar);
     }
 
@@ -192,9 +196,9 @@ impl Progress for Bars {
             None => self.multi.add(bar),
         };
         bar.set_style(style(
-            "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}",
+            "{msg} [{bar:30}] {decimal_bytes}/{decimal_total_bytes} {decimal_bytes_per_sec} ETA {eta}",
         ));
-        bar.set_message(name.to_string());
+        bar.set_message(format!("{name:<width$}", width = self.width));
         bar.set_position(done);
         if let Some(total) = &self.total {
             total.inc(done);
@@ -260,9 +264,10 @@ pub fn print_summaries(summaries: &[Summary]) {
                 format!(", fetched {} ({})", new.len(), human_size(new_size))
             }
         );
+        let width = summary.files.iter().map(|f| f.0.len()).max().unwrap_or(0);
         for (name, size, downloaded) in &summary.files {
             println!(
-                "  {name}  {}{}",
+                "  {name:<width$}  {:>9}{}",
                 human_size(*size),
                 if *downloaded { "  fetched" } else { "" }
             );

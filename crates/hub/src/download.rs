@@ -205,12 +205,24 @@ impl Client {
         })
     }
 
-    fn refused(&self, repo: &str, status: u16, url: &str) -> HubError {
+    /// The error for a 401/403: `listing` when the repository's listing was refused (the
+    /// repository may not exist, or be private), else a file of a readable repository (a
+    /// gated model). The hub's `X-Error-Code` decides where it says.
+    fn refused(&self, repo: &str, revision: &str, reply: &Reply, listing: bool) -> HubError {
+        let code = header(&reply.first, "x-error-code").unwrap_or_default();
+        if code == "RepoNotFound" || code == "RevisionNotFound" {
+            return HubError::RepoNotFound {
+                repo: repo.to_string(),
+                revision: revision.to_string(),
+                url: reply.url.clone(),
+            };
+        }
         HubError::Unauthorized {
             repo: repo.to_string(),
-            status,
-            url: url.to_string(),
+            status: reply.status,
+            url: reply.url.clone(),
             page: self.env.page(repo),
+            gated: code == "GatedRepo" || !listing,
             token_sent: self.env.token.is_some(),
         }
     }
@@ -225,7 +237,7 @@ impl Client {
         let reply = self.send("GET", &url, 0)?;
         match reply.status {
             200 => {}
-            401 | 403 => return Err(self.refused(repo, reply.status, &reply.url)),
+            401 | 403 => return Err(self.refused(repo, revision, &reply, true)),
             404 => {
                 return Err(HubError::RepoNotFound {
                     repo: repo.to_string(),
@@ -345,7 +357,7 @@ impl Client {
             let reply = self.send("HEAD", &url, 0)?;
             match reply.status {
                 200..=299 => {}
-                401 | 403 => return Err(self.refused(&cache.repo, reply.status, &url)),
+                401 | 403 => return Err(self.refused(&cache.repo, &listing.commit, &reply, false)),
                 status => {
                     return Err(HubError::BadResponse {
                         url,
@@ -544,7 +556,7 @@ impl Client {
                         message: "HTTP 416 for a fresh download".into(),
                     });
                 }
-                401 | 403 => return Err(self.refused(repo, reply.status, &reply.url)),
+                401 | 403 => return Err(self.refused(repo, commit, &reply, false)),
                 404 => {
                     return Err(HubError::NotInRepo {
                         repo: repo.clone(),

@@ -40,19 +40,16 @@ pub enum HubError {
     },
     #[error("could not reach {url}: {message} (to work from the cache only, pass --offline or set HF_HUB_OFFLINE=1)")]
     Network { url: String, message: String },
-    #[error(
-        "the hub refused `{repo}` (HTTP {status} for {url}): {}",
-        if *token_sent {
-            format!("the token that was sent (HF_TOKEN or the token file) does not give access: check that it can read the repository and that its account accepted the license on {page}")
-        } else {
-            format!("the model is gated or private: accept its license on {page} (logged in), then set HF_TOKEN to an access token (or run `hf auth login`, which writes the token file)")
-        }
-    )]
+    #[error("the hub refused `{repo}` (HTTP {status} for {url}): {}", refusal(page, *gated, *token_sent))]
     Unauthorized {
         repo: String,
         status: u16,
         url: String,
+        /// The repository's page, where a gated model's license is accepted.
         page: String,
+        /// A file of a repository whose listing was readable (or the hub said `GatedRepo`):
+        /// a gated model. Otherwise the repository may as well not exist, or be private.
+        gated: bool,
         token_sent: bool,
     },
     #[error("the hub has no repository `{repo}` with revision `{revision}` ({url} answered 404; a private repository also needs HF_TOKEN)")]
@@ -106,6 +103,15 @@ fn count(n: usize) -> String {
         "1 file".to_string()
     } else {
         format!("{n} files")
+    }
+}
+
+fn refusal(page: &str, gated: bool, token_sent: bool) -> String {
+    match (gated, token_sent) {
+        (true, false) => format!("the model is gated: accept its license on {page} (logged in), then set HF_TOKEN to an access token (or run `hf auth login`, which writes the token file)"),
+        (true, true) => format!("the token that was sent (HF_TOKEN or the token file) does not give access: check that it can read the repository and that its account accepted the license on {page}"),
+        (false, false) => format!("the repository does not exist, or it is private or gated; a private or gated one needs HF_TOKEN set to an access token (for a gated model, accept its license on {page} first)"),
+        (false, true) => format!("the repository does not exist, or the token that was sent (HF_TOKEN or the token file) does not give access to it (a gated model's license is accepted on {page})"),
     }
 }
 

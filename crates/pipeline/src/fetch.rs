@@ -216,7 +216,10 @@ pub fn ensure_models(
         let cached = ipcompose_hub::check(&cache, request);
         if let Err(e) = fetcher.fetch(request, &cached) {
             let mut message = e.to_string();
-            if matches!(e, HubError::RepoNotFound { .. }) {
+            if matches!(
+                e,
+                HubError::RepoNotFound { .. } | HubError::Unauthorized { gated: false, .. }
+            ) {
                 // Perhaps a local path with a typo: say where it was looked for too.
                 let source = match &request.items[0].path {
                     Some(path) => format!("{}/{path}", request.repo),
