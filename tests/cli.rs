@@ -359,6 +359,7 @@ fn single_file_checkpoint_equals_its_folder_twin() {
             &set_source,
         ])
         .env("HF_HUB_CACHE", dir.join("empty-cache"))
+        .env("HF_HUB_OFFLINE", "1")
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -647,6 +648,7 @@ fn uncached_hub_id_and_bad_overrides_say_what_is_missing() {
     let out = Command::new(env!("CARGO_BIN_EXE_ipcompose"))
         .args(["run", recipe.to_str().unwrap(), "--quiet"])
         .env("HF_HUB_CACHE", &empty_cache)
+        .env("HF_HUB_OFFLINE", "1")
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -655,7 +657,7 @@ fn uncached_hub_id_and_bad_overrides_say_what_is_missing() {
         "house.yaml:4",
         "`someone/some-model`",
         "models--someone--some-model",
-        "huggingface-cli download someone/some-model",
+        "hf download someone/some-model",
     ] {
         assert!(stderr.contains(needle), "{needle:?}: {stderr}");
     }

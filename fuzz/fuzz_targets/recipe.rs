@@ -5,7 +5,7 @@
 
 use std::path::PathBuf;
 
-use ipcompose_pipeline::batch::Batch;
+use ipcompose_pipeline::run::batch::Batch;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -1,6 +1,7 @@
 //! The `ipcompose` command line.
 
 mod bench;
+mod fetch;
 mod inspect;
 mod preprocess_cmd;
 mod progress;
@@ -11,6 +12,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use ipcompose::pipeline::plan::fetch::ModelFetcher;
 use ipcompose::pipeline::run::batch::Batch;
 use ipcompose::pipeline::{plan::Plan, RunOptions};
 
@@ -54,6 +56,9 @@ enum Command {
         /// Weights and activations of the base model and ControlNets: f32, f16 or bf16.
         #[arg(long, default_value = "f32")]
         dtype: String,
+        /// Use the hub cache only, download nothing (as `HF_HUB_OFFLINE=1`).
+        #[arg(long)]
+        offline: bool,
     },
     /// Say what a checkpoint file or folder is (kind, variant, base, dtype, parameters),
     /// from headers and configs only.
@@ -61,13 +66,32 @@ enum Command {
         /// A checkpoint file or model folder.
         path: PathBuf,
     },
-    /// Check a recipe without loading weights and print the resolved plan.
+    /// Check a recipe without loading weights and print the resolved plan; hub models not
+    /// in the cache are listed with their sizes (nothing is downloaded).
     Validate {
         /// The recipe file (YAML).
         recipe: PathBuf,
         /// Override a recipe value (repeatable).
         #[arg(long = "set", value_name = "KEY=VALUE")]
         sets: Vec<String>,
+        /// Do not ask the hub for sizes: name the missing files only.
+        #[arg(long)]
+        offline: bool,
+    },
+    /// Download every hub model a recipe (and each of its sweep's runs) needs into the
+    /// Hugging Face cache and say what and how much, without running it.
+    Pull {
+        /// The recipe file (YAML).
+        recipe: PathBuf,
+        /// Override a recipe value (repeatable).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        sets: Vec<String>,
+        /// Check the cache only (as `HF_HUB_OFFLINE=1`): says what is missing.
+        #[arg(long)]
+        offline: bool,
+        /// No progress bars.
+        #[arg(long, short)]
+        quiet: bool,
     },
     /// Write an IP-Adapter's image tokens for reference images to a safetensors file
     /// (`tokens`, `negative_tokens`), usable as `embeds:` in a recipe.
@@ -183,8 +207,13 @@ fn embed(args: EmbedArgs) -> anyhow::Result<()> {
 }
 
 /// Reads a recipe file (or the recipe embedded in a PNG), applies `--set` overrides, expands
-/// sweeps and plans every run.
-fn load_batch(path: &Path, from_png: bool, sets: &[String]) -> anyhow::Result<Batch> {
+/// sweeps, brings hub models into the cache through `fetcher` and plans every run.
+fn load_batch(
+    path: &Path,
+    from_png: bool,
+    sets: &[String],
+    fetcher: &mut dyn ModelFetcher,
+) -> anyhow::Result<Batch> {
     use ipcompose::pipeline::io::provenance::{changed_inputs, read_embedded};
     let text = if from_png {
         read_embedded(path)?
@@ -192,7 +221,7 @@ fn load_batch(path: &Path, from_png: bool, sets: &[String]) -> anyhow::Result<Ba
         std::fs::read_to_string(path)
             .with_context(|| format!("reading recipe {}", path.display()))?
     };
-    let batch = Batch::plan(&text, path, sets)?;
+    let batch = Batch::plan_with(&text, path, sets, fetcher)?;
     if let Some(first) = batch.runs.first() {
         for input in changed_inputs(&first.recipe) {
             eprintln!("warning: {input} changed since {} was made", path.display());
@@ -344,8 +373,10 @@ fn run(
     options: &RunOptions,
     quiet: bool,
     verbose: bool,
+    offline: bool,
 ) -> anyhow::Result<()> {
-    let batch = load_batch(recipe, from_png, sets)?;
+    let mut fetcher = fetch::HubFetcher::new(fetch::Mode::Download, offline, quiet);
+    let batch = load_batch(recipe, from_png, sets, &mut fetcher)?;
     let mut display = progress::StepDisplay::new(quiet, verbose);
     let written = batch.run(options, &mut |node, p| display.update(node, p));
     display.finish();
@@ -389,6 +420,7 @@ fn main() -> ExitCode {
             sets,
             device,
             dtype,
+            offline,
         } => device_and_dtype(&device, &dtype).and_then(|(device, dtype)| {
             let options = RunOptions {
                 overwrite,
@@ -397,14 +429,31 @@ fn main() -> ExitCode {
                 ..RunOptions::default()
             };
             match (recipe, from) {
-                (Some(recipe), None) => run(&recipe, false, &sets, &options, quiet, verbose),
-                (None, Some(png)) => run(&png, true, &sets, &options, quiet, verbose),
+                (Some(recipe), None) => {
+                    run(&recipe, false, &sets, &options, quiet, verbose, offline)
+                }
+                (None, Some(png)) => run(&png, true, &sets, &options, quiet, verbose, offline),
                 _ => Err(anyhow::anyhow!("give a recipe file or --from IMAGE.png")),
             }
         }),
         Command::Inspect { path } => inspect::inspect(&path),
-        Command::Validate { recipe, sets } => {
-            load_batch(&recipe, false, &sets).and_then(|batch| print_batch(&batch))
+        Command::Validate {
+            recipe,
+            sets,
+            offline,
+        } => {
+            let mut fetcher = fetch::HubFetcher::new(fetch::Mode::Report, offline, false);
+            load_batch(&recipe, false, &sets, &mut fetcher).and_then(|batch| print_batch(&batch))
+        }
+        Command::Pull {
+            recipe,
+            sets,
+            offline,
+            quiet,
+        } => {
+            let mut fetcher = fetch::HubFetcher::new(fetch::Mode::Download, offline, quiet);
+            load_batch(&recipe, false, &sets, &mut fetcher)
+                .map(|_| fetch::print_summaries(&fetcher.summaries))
         }
         Command::Embed {
             adapter,

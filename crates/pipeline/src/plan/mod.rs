@@ -5,6 +5,7 @@ pub mod base;
 pub mod control;
 pub mod embedding;
 pub mod family;
+pub mod fetch;
 pub mod generate;
 pub mod ip;
 pub mod lora;

@@ -30,6 +30,24 @@ fn looks_like_hub_id(source: &str) -> bool {
     valid(owner) && valid(name)
 }
 
+/// The repository (`owner/name`) and the path inside it when `source` is a hub id rather
+/// than a local path, read as [`resolve_model_source`] reads it.
+pub fn hub_reference(source: &str, base_dir: &Path) -> Option<(String, Option<String>)> {
+    if base_dir.join(source).exists() || source.starts_with('.') || source.starts_with('/') {
+        return None;
+    }
+    let mut parts = source.splitn(3, '/');
+    let repo = match (parts.next(), parts.next()) {
+        (Some(owner), Some(name)) => format!("{owner}/{name}"),
+        _ => return None,
+    };
+    let inside = parts
+        .next()
+        .map(|p| p.trim_end_matches('/').to_string())
+        .filter(|p| !p.is_empty());
+    looks_like_hub_id(&repo).then_some((repo, inside))
+}
+
 /// Resolves `source` (relative paths against `base_dir`) to a file or folder on disk.
 pub fn resolve_model_source(
     source: &str,

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use crate::error::{PipelineError, Result};
 use crate::io::output::save_rgb_png;
 use crate::io::provenance::embedded_text;
+use crate::plan::fetch::{ensure_models, CacheOnly, ModelFetcher};
 use crate::plan::Plan;
 use crate::recipe::sweep::{expand, Sweep};
 use crate::recipe::Recipe;
@@ -29,8 +30,20 @@ pub struct Batch {
 
 impl Batch {
     /// Parses `text` (read from `origin`), applies `--set` overrides, expands sweeps and plans
-    /// every run. Relative paths resolve against `origin`'s folder.
+    /// every run. Relative paths resolve against `origin`'s folder. Hub ids must be in the hub
+    /// cache (nothing is downloaded: see [`Batch::plan_with`]).
     pub fn plan(text: &str, origin: &Path, sets: &[String]) -> Result<Self> {
+        Self::plan_with(text, origin, sets, &mut CacheOnly { offline: false })
+    }
+
+    /// As [`Batch::plan`], with `fetcher` bringing the hub models every run needs into the
+    /// cache before planning (see [`crate::fetch`]).
+    pub fn plan_with(
+        text: &str,
+        origin: &Path,
+        sets: &[String],
+        fetcher: &mut dyn ModelFetcher,
+    ) -> Result<Self> {
         let base_dir = origin.parent().map(Path::to_path_buf).unwrap_or_default();
         let document = Recipe::document(text, origin, sets)?;
         let sweep = expand(&document, &base_dir).map_err(|message| PipelineError::Recipe {
@@ -40,6 +53,7 @@ impl Batch {
         let Some(sweep) = sweep else {
             // Parsed from the text so that serde's messages carry YAML lines.
             let recipe = Recipe::parse_with_overrides(text, origin, sets)?;
+            ensure_models(&[&recipe], text, origin, &base_dir, fetcher)?;
             let plan = Plan::build(&recipe, text, origin, &base_dir)?;
             let metadata = embedded_text(&recipe, &base_dir)?;
             return Ok(Self {
@@ -52,7 +66,7 @@ impl Batch {
                 sweep: None,
             });
         };
-        let mut runs = Vec::with_capacity(sweep.combinations.len());
+        let mut recipes = Vec::with_capacity(sweep.combinations.len());
         for combination in &sweep.combinations {
             let label = combination.labels.join(", ");
             let recipe = Recipe::from_document(combination.document.clone(), origin).map_err(
@@ -64,6 +78,12 @@ impl Batch {
                     other => other,
                 },
             )?;
+            recipes.push((label, recipe));
+        }
+        let all: Vec<&Recipe> = recipes.iter().map(|(_, r)| r).collect();
+        ensure_models(&all, text, origin, &base_dir, fetcher)?;
+        let mut runs = Vec::with_capacity(recipes.len());
+        for (label, recipe) in recipes {
             let plan = Plan::build(&recipe, text, origin, &base_dir)
                 .map_err(|e| PipelineError::Plan(format!("sweep combination ({label}): {e}")))?;
             let metadata = embedded_text(&recipe, &base_dir)?;
