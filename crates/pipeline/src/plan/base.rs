@@ -1,17 +1,20 @@
 //! Base models: a diffusers folder or a single file, checked against its family, its VAE.
 
-use super::*;
-use crate::error::Result;
-use crate::plan::family::BaseKind;
-use crate::plan::family::{AddedConditioning, Family, TextEncoding};
-use crate::plan::source::resolve_model_source;
-use crate::recipe::ModelSpec;
+use std::path::{Path, PathBuf};
+
 use ipcompose_models::clip_text::ClipTextConfig;
 use ipcompose_models::folder::DiffusersFolder;
 use ipcompose_models::unet::UNetConfig;
 use ipcompose_models::vae::VaeConfig;
 use ipcompose_schedulers::SchedulerConfig;
-use std::path::{Path, PathBuf};
+
+use crate::error::Result;
+use crate::plan::family::BaseKind;
+use crate::plan::family::{AddedConditioning, Family, TextEncoding};
+use crate::plan::source::resolve_model_source;
+use crate::recipe::ModelSpec;
+
+use super::*;
 
 #[derive(Debug, Clone)]
 pub struct BaseModelPlan {

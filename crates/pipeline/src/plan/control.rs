@@ -1,13 +1,17 @@
 //! ControlNets and T2I-Adapters as a plan holds them: the models declared, each use in a
 //! generation, and how a hint is fitted to the output size.
-use super::*;
+
+use std::path::PathBuf;
+
+use ipcompose_models::controlnet::{union_type_index, union_type_names, ControlNetConfig};
+use ipcompose_models::t2i_adapter::T2IAdapterConfig;
+
 use crate::error::Result;
 use crate::recipe::schedule::t2i_active_at;
 use crate::recipe::schedule::{window, Strength};
 use crate::recipe::ControlSpec;
-use ipcompose_models::controlnet::{union_type_index, union_type_names, ControlNetConfig};
-use ipcompose_models::t2i_adapter::T2IAdapterConfig;
-use std::path::PathBuf;
+
+use super::*;
 
 /// How a hint image is brought to the output size.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

@@ -1,10 +1,12 @@
 //! Textual-inversion embeddings.
 
-use super::*;
+use std::path::{Path, PathBuf};
+
 use crate::error::Result;
 use crate::plan::source::resolve_model_source;
 use crate::recipe::ModelSpec;
-use std::path::{Path, PathBuf};
+
+use super::*;
 
 /// A model of `kind: embedding` (textual inversion), read at plan time.
 #[derive(Debug, Clone)]

@@ -1,6 +1,9 @@
 //! `generate` nodes: prompts, size, steps, scheduler, initial noise, and the family's keys.
 
-use super::*;
+use std::path::{Path, PathBuf};
+
+use ipcompose_schedulers::{SchedulerConfig, SchedulerKind};
+
 use crate::error::Result;
 use crate::plan::control::{ControlKind, ControlUse};
 use crate::plan::family::{AddedConditioning, MicroConditioning, TextEncoding};
@@ -8,8 +11,8 @@ use crate::plan::ip::IpAdapterUse;
 use crate::plan::preprocess::cache_dir;
 use crate::recipe::prompt_syntax::PromptSyntax;
 use crate::recipe::GenerateSpec;
-use ipcompose_schedulers::{SchedulerConfig, SchedulerKind};
-use std::path::{Path, PathBuf};
+
+use super::*;
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum InitialNoise {

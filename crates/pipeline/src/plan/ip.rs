@@ -1,13 +1,17 @@
 //! IP-Adapters as a plan holds them: the models declared and each use in a generation.
-use super::*;
+
+use std::path::{Path, PathBuf};
+
+use ipcompose_models::clip_vision::ClipVisionConfig;
+use ipcompose_models::ip_adapter::IpAdapterInfo;
+
 use crate::error::Result;
 use crate::plan::source::resolve_model_source;
 use crate::recipe::ip_scale::resolve_scales;
 use crate::recipe::schedule::window;
 use crate::recipe::{IpAdapterSpec, ModelSpec};
-use ipcompose_models::clip_vision::ClipVisionConfig;
-use ipcompose_models::ip_adapter::IpAdapterInfo;
-use std::path::{Path, PathBuf};
+
+use super::*;
 
 /// An IP-Adapter model declared in a recipe, checked at plan time.
 #[derive(Debug, Clone)]

@@ -1,10 +1,12 @@
 //! LoRA models and their use in a generation.
 
-use super::*;
+use std::path::Path;
+
 use crate::error::Result;
 use crate::plan::source::resolve_model_source;
 use crate::recipe::ModelSpec;
-use std::path::Path;
+
+use super::*;
 
 /// A LoRA of a generation: its file (read once, at plan time) and multiplier.
 #[derive(Debug, Clone)]

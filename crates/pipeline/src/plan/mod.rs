@@ -12,33 +12,30 @@ pub mod lora;
 pub mod preprocess;
 pub mod source;
 
-use crate::recipe::suggest::did_you_mean;
+pub use crate::recipe::prompt_syntax::PromptSyntax;
 pub use base::{BaseModelPlan, VaeSource};
 pub use embedding::EmbeddingPlan;
+pub use family::BaseKind;
 pub use generate::{check_latents_file, GenerationPlan, InitialNoise};
 pub use lora::{LoraModelPlan, LoraUse};
 pub use preprocess::PreprocessorModelKind;
-
-use base::*;
-use control::*;
-use embedding::*;
-use generate::*;
-use ip::*;
-use lora::*;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use crate::error::{PipelineError, Result};
-use crate::plan::control::ControlModelSource;
 use crate::plan::ip::IpModelPlan;
 use crate::plan::preprocess::{cache_dir, plan_preprocessors, Declared, PreprocessPlan};
 use crate::plan::source::resolve_model_source;
 use crate::recipe::locate::line_of;
-pub use crate::recipe::prompt_syntax::PromptSyntax;
+use crate::recipe::suggest::did_you_mean;
 use crate::recipe::{Node, Recipe, NODE_OPERATIONS};
-
-pub use crate::plan::family::BaseKind;
+use base::plan_base_model;
+use control::{control_kind, plan_control, ControlModelSource};
+use embedding::plan_embedding;
+use generate::{generated_path, plan_generate};
+use ip::{is_ip_adapter_kind, plan_ip_model, plan_ip_use};
+use lora::{plan_lora_model, plan_lora_use};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OutputKind {
